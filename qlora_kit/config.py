@@ -1,0 +1,347 @@
+"""Recipes: YAML mapped 1:1 onto nested typed dataclasses.
+
+Every key a recipe may hold is a dataclass field below, with its unit and the reason for its default. Loading
+is strict: an unknown key, a value of the wrong type or a value out of range is a `UserError` that names the
+key and where it came from (``recipe.yaml:12`` or ``command line``), so a typo never silently trains the
+wrong thing. The resolved recipe (defaults filled in, overrides applied) is saved next to every output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qlora_kit.errors import UserError
+
+OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw")
+LR_SCHEDULES = ("cosine", "constant")
+QUANT_TYPES = ("nf4", "fp4")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+STORAGE_DTYPES = ("uint8", "bfloat16", "float16", "float32")
+
+
+@dataclass
+class ModelConfig:
+    # A local Hugging Face model directory, a built-in name (`tiny-random-llama`, `smollm2-135m`), or a hub
+    # id when `allow_network` is on.
+    path: str = "tiny-random-llama"
+    # An adapter directory (PEFT format) to start from: continue training, or evaluate.
+    adapter: str | None = None
+    # Off by default: remote code runs arbitrary Python from the model repository.
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    # A JSONL file of {"text": ...} or {"prompt": ..., "completion": ...} rows (loss on the completion only).
+    path: str = ""
+
+
+@dataclass
+class TrainConfig:
+    # Optimizer steps; 0 means "run `epochs` epochs". When set, it wins over `epochs`.
+    max_steps: int = 0
+    epochs: int = 1
+    # Tokens per example; longer examples are truncated. Memory grows linearly with it (checkpointed).
+    seq_len: int = 2048
+    # Examples per forward pass. Higher is faster until memory runs out.
+    micro_batch_size: int = 4
+    # Micro-batches per optimizer step: effective batch = micro_batch_size * grad_accum * processes.
+    grad_accum: int = 1
+    # 2e-4 is the QLoRA paper's learning rate for 7B-13B models.
+    lr: float = 2e-4
+    lr_schedule: str = "cosine"
+    # Linear warmup, in optimizer steps; protects freshly initialised LoRA matrices from large first updates.
+    warmup_steps: int = 0
+    # The cosine schedule decays to lr * min_lr_ratio.
+    min_lr_ratio: float = 0.0
+    # Clip the global gradient norm to this value (0 disables); the QLoRA paper uses 0.3.
+    max_grad_norm: float = 1.0
+    # Recompute activations in the backward pass: ~30% slower, activation memory from O(layers) to O(1).
+    gradient_checkpointing: bool = True
+    # Log every N optimizer steps to metrics.jsonl.
+    log_every: int = 1
+
+
+@dataclass
+class LoraConfig:
+    # Rank of the update B @ A. Higher increases capacity and memory (linearly).
+    r: int = 16
+    # The update is scaled by alpha / r (alpha / sqrt(r) with rslora); alpha = 2r is the common choice.
+    alpha: float = 32.0
+    dropout: float = 0.05
+    # `all-linear` (every quantized linear, the QLoRA paper's advice) or a list of names / regexes.
+    target_modules: str | list[str] = "all-linear"
+    # Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023): keeps the update size stable as r grows.
+    use_rslora: bool = False
+
+
+@dataclass
+class OptimConfig:
+    # Paged optimizers move their state to CPU memory under GPU memory pressure instead of failing.
+    name: str = "paged_adamw_32bit"
+    # Applied to the LoRA matrices only (they are the only trainable tensors).
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+
+@dataclass
+class QuantConfig:
+    # NF4 is information-theoretically optimal for normally distributed weights (QLoRA paper).
+    quant_type: str = "nf4"
+    # Quantize the per-block scales too: saves ~0.37 bits per parameter (~3 GB on a 65B model).
+    double_quant: bool = True
+    # `auto`: bfloat16 on a GPU that has it, float16 on older GPUs, float32 on CPU (bf16 matmuls are ~50x
+    # slower than fp32 on a CPU without bf16 units).
+    compute_dtype: str = "auto"
+    # Weights per quantization block; 64 is bitsandbytes' and the QLoRA paper's default.
+    blocksize: int = 64
+    # dtype the packed 4-bit bytes are stored in; FSDP needs it equal to the sharded parameters' dtype.
+    storage_dtype: str = "uint8"
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    output_dir: str = "runs/qlora"
+    seed: int = 42
+    # Off by default: no download of weights or data unless the user allows it.
+    allow_network: bool = False
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """Read a recipe file (or start from defaults when `path` is None) and apply `key=value` overrides."""
+    values: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    if path is not None:
+        values, where = _read_yaml(Path(path))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"command line: override {item!r} is not of the form key=value (e.g. train.lr=1e-4)")
+        values[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        where[key.strip()] = "command line"
+    recipe = Recipe()
+    for key, value in values.items():
+        _set(recipe, key, value, where.get(key, "recipe"))
+    validate(recipe, where)
+    return recipe
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """Flatten a YAML file into dotted keys, remembering `file:line` of each for error messages."""
+    if not path.is_file():
+        raise UserError(f"recipe file not found: {path}")
+    text = path.read_text()
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}:1: a recipe must be a mapping of keys to values")
+    values: dict[str, Any] = {}
+    where: dict[str, str] = {}
+
+    def walk(node: yaml.Node, obj: dict, prefix: str) -> None:
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            value = obj[key_node.value]
+            if isinstance(value, dict) and _is_section(key):
+                walk(value_node, value, key + ".")
+            else:
+                values[key] = value
+                where[key] = f"{path}:{key_node.start_mark.line + 1}"
+
+    walk(root, data, "")
+    return values, where
+
+
+def _is_section(key: str) -> bool:
+    return any(f.name == key and dataclasses.is_dataclass(f.default_factory) for f in dataclasses.fields(Recipe)
+               if f.default_factory is not dataclasses.MISSING)
+
+
+def valid_keys() -> list[str]:
+    """Every dotted key a recipe may hold, e.g. `train.lr`."""
+    keys = []
+    for f in dataclasses.fields(Recipe):
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(f.default_factory)]
+        else:
+            keys.append(f.name)
+    return keys
+
+
+# Names other tools use for our keys, so "did you mean" finds them although they look nothing alike.
+_ALIASES = {"learning_rate": "lr", "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+            "batch_size": "micro_batch_size", "per_device_train_batch_size": "micro_batch_size",
+            "gradient_accumulation_steps": "grad_accum", "num_train_epochs": "epochs", "max_seq_length": "seq_len",
+            "max_length": "seq_len", "model_name_or_path": "path", "optimizer": "name", "bnb_4bit_quant_type":
+            "quant_type", "bnb_4bit_use_double_quant": "double_quant", "bnb_4bit_compute_dtype": "compute_dtype"}
+
+
+def closest_key(key: str) -> str | None:
+    section, _, leaf = key.rpartition(".")
+    keys = valid_keys()
+    alias = [k for k in keys if k.rpartition(".")[2] == _ALIASES.get(leaf) and k.startswith(section)]
+    close = alias or difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
+def _set(recipe: Recipe, key: str, value: Any, where: str) -> None:
+    if key not in valid_keys():
+        close = closest_key(key)
+        hint = f"; did you mean '{close}'?" if close else f"; valid keys: {', '.join(valid_keys())}"
+        raise UserError(f"{where}: unknown recipe key '{key}'{hint}")
+    *parents, name = key.split(".")
+    obj = recipe
+    for p in parents:
+        obj = getattr(obj, p)
+    hint = typing.get_type_hints(type(obj))[name]
+    value = _coerce(value, hint, key, where)
+    if key == "lora.target_modules" and isinstance(value, str) and value != "all-linear":
+        value = [v.strip() for v in value.split(",") if v.strip()]  # `q_proj,v_proj` on the command line
+    setattr(obj, name, value)
+
+
+def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
+    """Convert a YAML or command-line value to the field's type (PyYAML reads `1e-4` as a string)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, where)
+            except UserError:
+                pass
+        raise UserError(f"{where}: '{key}' must be {_type_name(hint)}, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise UserError(f"{where}: '{key}' must be a list, got {value!r}")
+        return [_coerce(v, item, key, where) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+    elif hint is int:
+        number = _number(value)
+        if number is not None and float(number).is_integer():
+            return int(number)
+    elif hint is float:
+        number = _number(value)
+        if number is not None and math.isfinite(number):
+            return float(number)
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise UserError(f"{where}: '{key}' must be {_type_name(hint)}, got {value!r}")
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _type_name(hint: Any) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return "a list"
+    return names.get(hint, str(hint))
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+def validate(recipe: Recipe, where: dict[str, str] | None = None) -> None:
+    """Check value ranges; each failure names the key and where it was set."""
+    where = where or {}
+    t, lora, q = recipe.train, recipe.lora, recipe.quant
+
+    def check(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise UserError(f"{where.get(key, 'recipe')}: '{key}' {message}")
+
+    check(lora.r > 0, "lora.r", f"must be a positive integer, got {lora.r}")
+    check(lora.alpha > 0, "lora.alpha", f"must be positive, got {lora.alpha}")
+    check(0 <= lora.dropout < 1, "lora.dropout", f"must be in [0, 1), got {lora.dropout}")
+    targets = lora.target_modules
+    check(targets == "all-linear" or (isinstance(targets, list) and len(targets) > 0), "lora.target_modules",
+          f"must be 'all-linear' or a non-empty list of module names or regexes, got {targets!r}")
+    check(recipe.optim.name in OPTIMIZERS, "optim.name",
+          f"must be one of {', '.join(OPTIMIZERS)}, got {recipe.optim.name!r}")
+    check(recipe.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    check(0 <= recipe.optim.beta1 < 1, "optim.beta1", "must be in [0, 1)")
+    check(0 <= recipe.optim.beta2 < 1, "optim.beta2", "must be in [0, 1)")
+    check(recipe.optim.eps > 0, "optim.eps", "must be positive")
+    check(t.max_steps >= 0, "train.max_steps", f"must be >= 0 (0 = run train.epochs), got {t.max_steps}")
+    check(t.epochs > 0, "train.epochs", f"must be a positive integer, got {t.epochs}")
+    check(t.seq_len > 1, "train.seq_len", f"must be at least 2 tokens, got {t.seq_len}")
+    check(t.micro_batch_size > 0, "train.micro_batch_size", f"must be positive, got {t.micro_batch_size}")
+    check(t.grad_accum > 0, "train.grad_accum", f"must be positive, got {t.grad_accum}")
+    check(t.lr > 0, "train.lr", f"must be positive, got {t.lr}")
+    check(t.lr_schedule in LR_SCHEDULES, "train.lr_schedule",
+          f"must be one of {', '.join(LR_SCHEDULES)}, got {t.lr_schedule!r}")
+    check(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+    check(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
+    check(t.log_every > 0, "train.log_every", "must be positive")
+    check(q.quant_type in QUANT_TYPES, "quant.quant_type",
+          f"must be one of {', '.join(QUANT_TYPES)}, got {q.quant_type!r}")
+    check(q.compute_dtype in COMPUTE_DTYPES, "quant.compute_dtype",
+          f"must be one of {', '.join(COMPUTE_DTYPES)}, got {q.compute_dtype!r}")
+    check(q.blocksize in (64, 128, 256, 512, 1024, 2048, 4096), "quant.blocksize",
+          f"must be a power of two from 64 to 4096, got {q.blocksize}")
+    check(q.storage_dtype in STORAGE_DTYPES, "quant.storage_dtype",
+          f"must be one of {', '.join(STORAGE_DTYPES)}, got {q.storage_dtype!r}")
+    check(bool(recipe.model.path), "model.path", "must be set")
+    check(bool(recipe.output_dir), "output_dir", "must be set")
+
+
+def to_dict(recipe: Recipe) -> dict[str, Any]:
+    return dataclasses.asdict(recipe)
+
+
+def save_recipe(recipe: Recipe, path: Path) -> None:
+    """Write the resolved recipe; it loads back into an identical `Recipe`."""
+    path.write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))

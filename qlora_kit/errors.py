@@ -1,0 +1,9 @@
+"""The one exception type that means "the user asked for something wrong".
+
+The CLI prints a `UserError` as one line and exits with code 2 (no traceback unless `--debug`); any other
+exception is a bug in qlora-kit and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """A mistake in the user's input: a recipe key, a path, a model or adapter that does not fit."""

@@ -1,0 +1,153 @@
+"""Load a Hugging Face causal LM with every linear layer (but the output head) quantized to 4 bits and frozen.
+
+The model is built on the meta device (no memory), then the checkpoint is streamed one tensor at a time from
+its safetensors shards (memory-mapped): each linear weight is cast to the compute dtype and quantized on the
+target device as it arrives, so host memory never holds the 16-bit model; peak host memory is about one
+tensor plus whatever the device keeps. This is the same quantization transformers applies with
+`BitsAndBytesConfig` (cast to the load dtype, then `Params4bit(...).to(device)`), so a model loaded by
+`transformers` + `peft` sees bit-identical 4-bit weights.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import bitsandbytes as bnb
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from qlora_kit.config import QuantConfig
+from qlora_kit.errors import UserError
+
+# Checkpoint entries that are derived at init time and may be absent from, or stale in, a checkpoint.
+_IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    path: Path
+    compute_dtype: torch.dtype
+
+
+def compute_dtype_for(name: str, device: torch.device) -> torch.dtype:
+    """Resolve `quant.compute_dtype`; `auto` is bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        # Padding positions carry label -100, so reusing EOS as pad never stops the model learning EOS.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_quantized(path: Path, quant: QuantConfig, device: torch.device,
+                   trust_remote_code: bool = False) -> LoadedModel:
+    """Build `path`'s model on the meta device, then stream, quantize and freeze its weights onto `device`."""
+    dtype = compute_dtype_for(quant.compute_dtype, device)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    with init_empty_weights(include_buffers=False):  # params on meta; buffers (rotary freqs) computed for real
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa",
+                                                 trust_remote_code=trust_remote_code)
+    quantized = set(quantizable_linears(model))
+    keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or []
+    for name, tensor in _stream_checkpoint(path):
+        if _IGNORED_KEYS.match(name):
+            continue
+        module_name, _, param = name.rpartition(".")
+        if module_name in quantized and param == "weight":
+            _swap_in_4bit(model, module_name, tensor.to(dtype), quant, dtype, device)
+        else:
+            target = torch.float32 if any(k in name for k in keep_fp32) or not tensor.is_floating_point() else dtype
+            _assign(model, name, tensor.to(device=device, dtype=target if tensor.is_floating_point() else tensor.dtype))
+    if getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings", False):
+        model.tie_weights()
+    for buffer_owner in model.modules():  # buffers were built on the CPU
+        for key, buf in buffer_owner._buffers.items():
+            if buf is not None and buf.device != device:
+                buffer_owner._buffers[key] = buf.to(device)
+    _check_complete(model, path)
+    model.requires_grad_(False)
+    model.eval()
+    return LoadedModel(model, load_tokenizer(path, trust_remote_code), path, dtype)
+
+
+def quantizable_linears(model: nn.Module) -> list[str]:
+    """Names of the linear layers that get quantized: all of them but the output head (kept in 16 bits)."""
+    head = model.get_output_embeddings()
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+
+
+def _stream_checkpoint(path: Path):
+    """Yield (name, tensor) for every tensor of the checkpoint, one shard open at a time, memory-mapped."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json (qlora-kit loads "
+                        "safetensors only; convert .bin checkpoints first)")
+    for file in files:
+        with safe_open(path / file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def _swap_in_4bit(model: nn.Module, name: str, weight: torch.Tensor, quant: QuantConfig,
+                  dtype: torch.dtype, device: torch.device) -> None:
+    """Replace the meta `nn.Linear` called `name` by a frozen `bnb.nn.Linear4bit` holding `weight` quantized."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    linear = getattr(parent, child)
+    storage = getattr(torch, quant.storage_dtype)
+    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                          compute_dtype=dtype, compress_statistics=quant.double_quant,
+                          quant_type=quant.quant_type, quant_storage=storage, device="meta")
+    q.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=quant.double_quant,
+                                 quant_type=quant.quant_type, blocksize=quant.blocksize,
+                                 quant_storage=storage).to(device)  # `.to` quantizes, on the device
+    if linear.bias is not None:
+        q.bias = linear.bias  # still meta if the bias comes later in the checkpoint; `_assign` fills it
+    setattr(parent, child, q)
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        raise UserError(f"checkpoint tensor '{name}' has no place in the model built from config.json "
+                        "(architecture and weights disagree)") from None
+    if attr in module._parameters:
+        old = module._parameters[attr]
+        if old is not None and not old.is_meta and old.shape != tensor.shape:
+            raise UserError(f"checkpoint tensor '{name}' has shape {tuple(tensor.shape)}, "
+                            f"model expects {tuple(old.shape)}")
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    elif attr in module._buffers:
+        module._buffers[attr] = tensor
+    else:
+        raise UserError(f"checkpoint tensor '{name}' has no place in the model built from config.json")
+
+
+def _check_complete(model: nn.Module, path: Path) -> None:
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    missing += [n for n, b in model.named_buffers() if b.is_meta]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise UserError(f"{path}: checkpoint is missing {len(missing)} tensors: {shown}")

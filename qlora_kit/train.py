@@ -1,0 +1,204 @@
+"""The training loop: named setup steps, then one explicit loop (accumulate, clip, step, schedule, log, save).
+
+It runs unchanged as a plain command or under `accelerate launch`: Accelerate picks the device, wraps the model
+for DDP and shards the data; everything else is written out here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+from itertools import islice
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from qlora_kit import adapter as adapter_io
+from qlora_kit.config import Recipe, save_recipe, to_dict
+from qlora_kit.data import IGNORE, collate, load_examples
+from qlora_kit.errors import UserError
+from qlora_kit.lora import add_lora, select_targets
+from qlora_kit.loss import token_loss_sum
+from qlora_kit.metrics import MetricsLog, human_bytes, peak_memory_bytes
+from qlora_kit.model import LoadedModel, load_quantized, quantizable_linears
+from qlora_kit.optim import build_optimizer, build_scheduler
+from qlora_kit.zoo import resolve_model_path
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    tokens: int
+    peak_mem_bytes: int
+    adapter_dir: Path
+    final_loss: float
+    model: torch.nn.Module  # the trained model (4-bit base + LoRA), unwrapped, for in-process use
+
+
+def build_model(recipe: Recipe, device: torch.device) -> tuple[LoadedModel, list[str], list[str]]:
+    """Load the 4-bit base and wrap the targeted linears in LoRA (from `model.adapter` if set).
+
+    Returns the model, the LoRA targets and all candidate linears (PEFT's `target_modules` needs both).
+    """
+    loaded = load_quantized(resolve_model_path(recipe.model.path, recipe.allow_network), recipe.quant, device,
+                            recipe.model.trust_remote_code)
+    candidates = quantizable_linears(loaded.model)
+    targets = select_targets(candidates, recipe.lora.target_modules)
+    # LoRA weights train in bf16 on bf16 GPUs; fp16 weights are too coarse for Adam updates, so fp32 otherwise.
+    lora_dtype = torch.bfloat16 if loaded.compute_dtype == torch.bfloat16 else torch.float32
+    lora = recipe.lora
+    add_lora(loaded.model, targets, lora.r, lora.alpha, lora.dropout, lora.use_rslora, lora_dtype)
+    if recipe.model.adapter:
+        check_adapter_matches(recipe, Path(recipe.model.adapter), candidates, targets)
+        adapter_io.load_adapter_weights(loaded.model, Path(recipe.model.adapter))
+    return loaded, targets, candidates
+
+
+def check_adapter_matches(recipe: Recipe, adapter_dir: Path, candidates: list[str], targets: list[str]) -> None:
+    saved = adapter_io.read_adapter_config(adapter_dir)
+    ours = adapter_io.adapter_config(recipe.lora, adapter_io.peft_target_modules(targets, candidates), "")
+    keys = {"r": "lora.r", "lora_alpha": "lora.alpha", "use_rslora": "lora.use_rslora",
+            "target_modules": "lora.target_modules"}
+    saved["target_modules"] = sorted(saved.get("target_modules") or [])
+    differ = [f"{key} (adapter {saved.get(k)!r}, recipe {ours[k]!r})"
+              for k, key in keys.items() if saved.get(k) != ours[k]]
+    if differ:
+        raise UserError(f"'model.adapter': {adapter_dir} does not match the recipe: {'; '.join(differ)}")
+
+
+def train(recipe: Recipe, overwrite: bool = False) -> TrainResult:
+    # ---- setup: process group and device, output directory, seed
+    accelerator = Accelerator()
+    main = accelerator.is_main_process
+    out = Path(recipe.output_dir)
+    if main:
+        prepare_output_dir(out, overwrite)
+        save_recipe(recipe, out / "recipe.yaml")
+    set_seed(recipe.seed)
+    t = recipe.train
+
+    # ---- model: 4-bit frozen base + LoRA, checkpointing
+    loaded, targets, candidates = build_model(recipe, accelerator.device)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    if t.gradient_checkpointing:
+        enable_checkpointing(model)
+    model.train()
+
+    # ---- data, optimizer, schedule
+    examples = load_examples(recipe.data.path or _missing_data(), tokenizer, t.seq_len)
+    loader = DataLoader(examples, batch_size=t.micro_batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(recipe.seed),
+                        collate_fn=partial(collate, pad_id=tokenizer.pad_token_id))
+    optimizer = build_optimizer(model, recipe.optim, t.lr)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    steps_per_epoch = math.ceil(len(loader) / t.grad_accum)
+    total_steps = t.max_steps or t.epochs * steps_per_epoch
+    scheduler = build_scheduler(optimizer, t, total_steps)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    # ---- the loop: one iteration per optimizer step
+    log = MetricsLog(out / "metrics.jsonl") if main else None
+    bar = tqdm(total=total_steps, disable=not (main and sys.stderr.isatty()), desc="train", unit="step")
+    start, total_tokens, loss = time.perf_counter(), 0, float("nan")
+    groups = micro_batch_groups(loader, t.grad_accum)
+    for step in range(1, total_steps + 1):
+        step_start = time.perf_counter()
+        group = next(groups)
+        # Normalise by the label tokens of the whole step on all processes: each token weighs the same.
+        label_tokens = accelerator.reduce(_count(group, "labels"), "sum").item()
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for i, batch in enumerate(group):
+            sync = i == len(group) - 1  # all-reduce gradients once per step, not per micro-batch
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                batch_loss, _ = token_loss_sum(model, batch)
+                # DDP averages gradients over processes; the factor turns that average back into a sum.
+                accelerator.backward(batch_loss * accelerator.num_processes / max(label_tokens, 1))
+            loss_sum += batch_loss.detach()
+        grad_norm = accelerator.clip_grad_norm_(trainable, t.max_grad_norm or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        loss = accelerator.reduce(loss_sum, "sum").item() / max(label_tokens, 1)
+        tokens = int(accelerator.reduce(_count(group, "attention_mask"), "sum").item())
+        total_tokens += tokens
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if log and (step % t.log_every == 0 or step == total_steps):
+            seconds = time.perf_counter() - step_start
+            log.write({"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                       "tokens": tokens, "tokens_per_s": tokens / seconds, "seconds": seconds,
+                       "peak_mem_bytes": peak_memory_bytes(accelerator.device)})
+    bar.close()
+    elapsed = time.perf_counter() - start
+
+    # ---- save the adapter (rank 0), summarise
+    adapter_dir = out / "adapter"
+    accelerator.wait_for_everyone()
+    if main:
+        log.close()
+        unwrapped = accelerator.unwrap_model(model)
+        config = adapter_io.adapter_config(recipe.lora, adapter_io.peft_target_modules(targets, candidates),
+                                           str(loaded.path.resolve()))
+        adapter_io.save_adapter(unwrapped, adapter_dir, config,
+                                {"recipe.yaml": yaml.safe_dump(to_dict(recipe), sort_keys=False)})
+    peak = peak_memory_bytes(accelerator.device)
+    if main:
+        print(f"done: {total_steps} steps in {elapsed:.1f} s, {total_tokens / elapsed:.0f} tokens/s, final loss "
+              f"{loss:.4f}, peak memory {human_bytes(peak)}; adapter: {adapter_dir}, metrics: "
+              f"{out / 'metrics.jsonl'}", file=sys.stderr)
+    accelerator.end_training()
+    return TrainResult(total_steps, elapsed, total_tokens, peak, adapter_dir, loss, accelerator.unwrap_model(model))
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant checkpointing: works with a frozen base whose inputs need no grad, and stores the least."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def micro_batch_groups(loader, grad_accum: int):
+    """Endless groups of `grad_accum` micro-batches; an epoch's last group may be shorter. Reshuffles per epoch."""
+    epoch = 0
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        batches = iter(loader)
+        while group := list(islice(batches, grad_accum)):
+            yield group
+        epoch += 1
+
+
+def _count(group: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
+    if key == "labels":  # positions that predict a label: the first token of each row predicts nothing
+        return sum((b["labels"][:, 1:] != IGNORE).sum() for b in group)
+    return sum(b[key].sum() for b in group)
+
+
+def _missing_data() -> str:
+    raise UserError("'data.path' is not set: point it to a JSONL file of "
+                    '{"text"} or {"prompt", "completion"} rows')
+
+
+def prepare_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to train over a finished run unless asked: a user's adapter is never lost by accident."""
+    previous = [p for p in ("adapter", "metrics.jsonl") if (out / p).exists()]
+    if previous and not overwrite:
+        raise UserError(f"'output_dir': {out} already holds a run ({', '.join(previous)}); choose another "
+                        "output_dir or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:  # the old adapter stays until the new one replaces it atomically at the end
+        (out / "metrics.jsonl").unlink(missing_ok=True)

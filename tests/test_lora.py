@@ -1,0 +1,93 @@
+"""Our LoRA layer against a naive plain-torch LoRA over the weight bitsandbytes dequantizes."""
+
+import math
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbf
+import pytest
+import torch
+from torch import nn
+
+from qlora_kit.errors import UserError
+from qlora_kit.lora import LoRALinear, add_lora, is_lora, select_targets
+
+
+def quantized_linear(d_in: int, d_out: int, bias: bool, quant_type: str = "nf4") -> bnb.nn.Linear4bit:
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(d_in, d_out, bias=bias, compute_dtype=torch.float32, quant_type=quant_type)
+    layer.weight = bnb.nn.Params4bit(torch.randn(d_out, d_in) * 0.05, requires_grad=False, quant_type=quant_type,
+                                     compress_statistics=True, blocksize=64).to("cpu")
+    if bias:
+        layer.bias = nn.Parameter(torch.randn(d_out), requires_grad=False)
+    return layer
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """fp32 agreement up to summation order: 1e-5 of the tensor's largest magnitude."""
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("quant_type, bias, rslora", [("nf4", False, False), ("fp4", True, True)])
+def test_forward_and_backward_match_naive_lora(quant_type, bias, rslora):
+    base = quantized_linear(128, 96, bias, quant_type)
+    lora = LoRALinear(base, r=8, alpha=16, dropout=0.0, use_rslora=rslora)
+    nn.init.normal_(lora.lora_B.weight)  # B starts at zero; make the update non-trivial
+    x = torch.randn(3, 5, 128, requires_grad=True)
+
+    W = bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state)  # bitsandbytes' own dequantization
+    A = lora.lora_A.weight.detach().clone().requires_grad_()
+    B = lora.lora_B.weight.detach().clone().requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    scale = 16 / math.sqrt(8) if rslora else 16 / 8
+    y_ref = x_ref @ W.T + (base.bias if bias else 0) + scale * (x_ref @ A.T) @ B.T
+
+    y = lora(x)
+    close(y, y_ref)
+    grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    y_ref.backward(grad_out)
+    close(lora.lora_A.weight.grad, A.grad)
+    close(lora.lora_B.weight.grad, B.grad)
+    close(x.grad, x_ref.grad)
+    assert base.weight.grad is None
+
+
+def test_init_is_kaiming_A_zero_B_and_changes_nothing():
+    base = quantized_linear(64, 64, bias=True)
+    lora = LoRALinear(base, r=4, alpha=8)
+    assert torch.count_nonzero(lora.lora_B.weight) == 0
+    bound = 1 / math.sqrt(64)  # kaiming_uniform(a=sqrt(5)) bound for fan_in 64
+    assert lora.lora_A.weight.abs().max() <= bound and lora.lora_A.weight.std() > bound / 3
+    x = torch.randn(2, 64)
+    assert torch.equal(lora(x), base(x))
+
+
+def test_dropout_applies_to_the_lora_path_only():
+    base = quantized_linear(64, 64, bias=False)
+    lora = LoRALinear(base, r=4, alpha=8, dropout=0.5).train()
+    x = torch.randn(4, 64)
+    assert torch.equal(lora(x), base(x))  # B == 0: dropout must not touch the base path
+
+
+def test_add_lora_freezes_everything_but_lora():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    add_lora(model, ["0", "2"], r=2, alpha=4, dropout=0.0, use_rslora=False, dtype=torch.float32)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"0.lora_A.weight", "0.lora_B.weight", "2.lora_A.weight", "2.lora_B.weight"}
+    assert all(is_lora(n) for n in trainable)
+
+
+NAMES = [f"model.layers.{i}.{m}" for i in range(2) for m in
+         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj")]
+
+
+def test_select_targets_by_name_and_regex():
+    assert select_targets(NAMES, "all-linear") == NAMES
+    assert select_targets(NAMES, ["q_proj", "v_proj"]) == [n for n in NAMES if n.endswith(("q_proj", "v_proj"))]
+    assert select_targets(NAMES, [r"model\.layers\.1\..*_proj"]) == NAMES[5:]
+    assert select_targets(NAMES, ["self_attn.o_proj"]) == [NAMES[3], NAMES[8]]
+
+
+def test_select_targets_that_match_nothing_list_what_exists():
+    with pytest.raises(UserError, match=r"'qproj' matches no linear layer.*down_proj, k_proj, o_proj, q_proj, v_proj"):
+        select_targets(NAMES, ["v_proj", "qproj"])

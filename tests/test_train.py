@@ -1,0 +1,149 @@
+"""The training loop end to end on a tiny model, and the CLI."""
+
+import json
+import subprocess
+import sys
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlora_kit.config import load_recipe
+from qlora_kit.data import collate, load_examples
+from qlora_kit.loss import token_loss_sum
+from qlora_kit.optim import build_optimizer
+from qlora_kit.train import build_model, train
+
+
+def recipe_for(model_dir, data, out, *overrides):
+    return load_recipe(None, [f"model.path={model_dir}", f"data.path={data}", f"output_dir={out}",
+                              "train.seq_len=64", "train.micro_batch_size=4", "lora.r=8", "lora.alpha=16",
+                              "lora.dropout=0", *overrides])
+
+
+def test_loss_falls_on_a_memorisation_task(tiny_llama, memorise_data, tmp_path):
+    train(recipe_for(tiny_llama, memorise_data, tmp_path / "run", "train.max_steps=40", "train.lr=1e-2",
+                              "train.lr_schedule=constant"))
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 40
+    assert losses[-1] < 0.3 * losses[0], losses
+
+
+def test_metrics_and_outputs(tiny_llama, memorise_data, tmp_path):
+    out = tmp_path / "run"
+    train(recipe_for(tiny_llama, memorise_data, out, "train.max_steps=3", "train.micro_batch_size=2"))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    examples = load_examples(memorise_data, __import__("transformers").AutoTokenizer.from_pretrained(tiny_llama), 64)
+    real_tokens = sum(len(e["input_ids"]) for e in examples)
+    assert sum(r["tokens"] for r in records[:2]) == real_tokens  # steps 1-2 are one epoch; padding excluded
+    for r in records:
+        assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "peak_mem_bytes"} <= r.keys()
+        assert r["peak_mem_bytes"] > 10 * 2**20 and r["tokens_per_s"] > 0
+    assert load_recipe(out / "recipe.yaml").train.max_steps == 3
+    assert {p.name for p in (out / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+
+
+def test_epochs_when_max_steps_is_zero(tiny_llama, memorise_data, tmp_path):
+    # 4 examples, micro-batch 1, grad_accum 3: ceil(4 / 3) = 2 steps per epoch, the second one shorter.
+    result = train(recipe_for(tiny_llama, memorise_data, tmp_path / "run", "train.epochs=2",
+                              "train.micro_batch_size=1", "train.grad_accum=3"))
+    assert result.steps == 4
+
+
+def test_base_weights_are_bit_identical_after_optimizer_steps(tiny_llama, memorise_data, tmp_path):
+    recipe = recipe_for(tiny_llama, memorise_data, tmp_path / "run", "optim.name=paged_adamw_8bit")
+    loaded, _, _ = build_model(recipe, torch.device("cpu"))
+    model = loaded.model.train()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    quant_bytes = {n: m.weight.data.clone() for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert quant_bytes and all("lora_" in n for n in lora_before)
+    optimizer = build_optimizer(model, recipe.optim, 1e-2)
+    batch = collate(load_examples(memorise_data, loaded.tokenizer, 64), loaded.tokenizer.pad_token_id)
+    for _ in range(3):
+        loss, n = token_loss_sum(model, batch)
+        (loss / n).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen[n]), n
+    for n, m in model.named_modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            assert torch.equal(m.weight.data, quant_bytes[n]), n
+    assert all(not torch.equal(p, lora_before[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_adapter_round_trip_gives_identical_logits(tiny_llama, memorise_data, tmp_path):
+    result = train(recipe_for(tiny_llama, memorise_data, tmp_path / "run", "train.max_steps=5", "train.lr=1e-2"))
+    recipe = recipe_for(tiny_llama, memorise_data, tmp_path / "eval", f"model.adapter={result.adapter_dir}")
+    reloaded, _, _ = build_model(recipe, torch.device("cpu"))
+    ids = torch.randint(0, 250, (2, 16))
+    trained = result.model.eval()
+    with torch.no_grad():
+        assert torch.equal(trained(ids).logits, reloaded.model.eval()(ids).logits)
+        base, _, _ = build_model(recipe_for(tiny_llama, memorise_data, tmp_path / "x"), torch.device("cpu"))
+        assert not torch.allclose(base.model.eval()(ids).logits, trained(ids).logits)
+
+
+def test_adapter_with_another_rank_is_refused(tiny_llama, memorise_data, tmp_path):
+    result = train(recipe_for(tiny_llama, memorise_data, tmp_path / "run", "train.max_steps=1"))
+    recipe = recipe_for(tiny_llama, memorise_data, tmp_path / "x", "lora.r=4", f"model.adapter={result.adapter_dir}")
+    with pytest.raises(Exception, match=r"does not match the recipe: lora.r \(adapter 8, recipe 4\)"):
+        build_model(recipe, torch.device("cpu"))
+
+
+def test_training_is_deterministic(tiny_llama, memorise_data, tmp_path):
+    runs = [train(recipe_for(tiny_llama, memorise_data, tmp_path / f"run{i}", "train.max_steps=4",
+                             "lora.dropout=0.1")) for i in range(2)]
+    a, b = (load_file(r.adapter_dir / "adapter_model.safetensors") for r in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_grad_accum_equals_a_bigger_micro_batch(tiny_llama, memorise_data, tmp_path):
+    """Loss is normalised by the label tokens of the whole step, so 2 x 2 == 1 x 4 (up to padding numerics)."""
+    one = train(recipe_for(tiny_llama, memorise_data, tmp_path / "a", "train.max_steps=3", "train.micro_batch_size=4"))
+    two = train(recipe_for(tiny_llama, memorise_data, tmp_path / "b", "train.max_steps=3", "train.micro_batch_size=2",
+                           "train.grad_accum=2"))
+    a, b = (load_file(r.adapter_dir / "adapter_model.safetensors") for r in (one, two))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "qlora_kit", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def test_cli_train_runs_and_refuses_to_overwrite(tiny_llama, memorise_data, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("train:\n  lr: 1e-3\n")
+    args = ["train", "--overwrite", recipe, f"model.path={tiny_llama}", f"data.path={memorise_data}",
+            f"output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.seq_len=32"]
+    first = run_cli(*args[:1], *args[2:])
+    assert first.returncode == 0, first.stderr
+    assert "done: 2 steps" in first.stderr and (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+    again = run_cli(*args[:1], *args[2:])
+    assert again.returncode == 2 and "already holds a run" in again.stderr and "--overwrite" in again.stderr
+
+
+def test_overwrite_replaces_a_finished_run(tiny_llama, memorise_data, tmp_path):
+    recipe = recipe_for(tiny_llama, memorise_data, tmp_path / "run", "train.max_steps=2")
+    train(recipe)
+    train(recipe, overwrite=True)
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2  # a fresh log, not appended
+
+
+def test_cli_user_errors_are_one_line_and_exit_2(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("seed: 1\n")
+    bad = run_cli("train", recipe, "lora.rank=8")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == ["qlora-kit: error: command line: unknown recipe key 'lora.rank'; "
+                                               "did you mean 'lora.r'?"]
+    debug = run_cli("--debug", "train", recipe, "lora.rank=8")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+    missing = run_cli("train", tmp_path / "nope.yaml")
+    assert missing.returncode == 2 and "recipe file not found" in missing.stderr
