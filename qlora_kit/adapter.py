@@ -21,6 +21,9 @@ from qlora_kit.errors import UserError
 from qlora_kit.lora import lora_state_dict
 
 CONFIG_NAME = "adapter_config.json"
+# qlora-kit's own facts about the run that PEFT's config has no field for: how the base was quantized (merge
+# reproduces it bit for bit) and which directory the base was loaded from.
+METADATA_NAME = "qlora_kit.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
@@ -70,7 +73,7 @@ def save_adapter(model: nn.Module, out_dir: Path, config: dict, extra_files: dic
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         _default_permissions(tmp)
-        _replace_dir(tmp, out_dir)
+        publish_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -85,7 +88,7 @@ def _default_permissions(directory: Path) -> None:
         os.chmod(file, 0o666 & ~umask)
 
 
-def _replace_dir(new: Path, target: Path) -> None:
+def publish_dir(new: Path, target: Path) -> None:
     """Put `new` at `target`; an existing `target` is moved aside first and removed only once `new` is in place."""
     old = None
     if target.exists():
@@ -104,6 +107,12 @@ def read_adapter_config(adapter_dir: Path) -> dict:
     if config.get("peft_type") != "LORA":
         raise UserError(f"{path}: peft_type is {config.get('peft_type')!r}; qlora-kit loads LORA adapters only")
     return config
+
+
+def read_training_metadata(adapter_dir: Path) -> dict:
+    """qlora-kit's metadata, or {} for adapters made elsewhere (then defaults: NF4, double quant, block 64)."""
+    path = Path(adapter_dir) / METADATA_NAME
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def load_adapter_weights(model: nn.Module, adapter_dir: Path) -> None:

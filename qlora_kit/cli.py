@@ -1,11 +1,11 @@
-"""`qlora-kit` command line: `train` for now. User mistakes exit 2 with one line; `--debug` shows tracebacks."""
+"""`qlora-kit` command line: `train`, `merge`. User mistakes exit 2 with one line; `--debug` shows tracebacks."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from qlora_kit.errors import UserError
+from qlora_kit.errors import MergeCheckError, UserError
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -15,6 +15,18 @@ def _train(args: argparse.Namespace) -> None:
     from qlora_kit.train import train
 
     train(recipe, overwrite=args.overwrite)
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from qlora_kit.merge import merge
+
+    report = merge(args.adapter, args.out, dtype=args.dtype, base=args.base, model_path=args.model,
+                   overwrite=args.overwrite, check=not args.no_check)
+    worst = max(report.layers.values(), default=0.0)
+    logits = f", logits max |diff| {report.logits_max_abs_diff:.2e}" if report.logits_max_abs_diff is not None else ""
+    print(f"merged {len(report.layers)} layers into {args.out} ({report.dtype}, base {report.base}) in "
+          f"{report.seconds:.1f} s; worst layer relative error {worst:.2e}{logits}; report: "
+          f"{args.out}/merge_report.json", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +39,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace the run already in output_dir")
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     train.set_defaults(func=_train)
+
+    merge = commands.add_parser("merge", help="merge an adapter into its base and export a full-precision model")
+    merge.add_argument("adapter", help="adapter directory (PEFT format)")
+    merge.add_argument("--out", required=True, help="output model directory")
+    merge.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    merge.add_argument("--base", default="dequantized", choices=["dequantized", "original"],
+                       help="merge into the 4-bit round-tripped weights the adapter trained on (default) or "
+                            "into the original 16-bit weights")
+    merge.add_argument("--model", help="base model (default: the one the adapter was trained on)")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    merge.add_argument("--no-check", action="store_true", help="skip the parity check")
+    merge.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    merge.set_defaults(func=_merge)
     return parser
 
 
@@ -46,4 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"qlora-kit: error: {e}", file=sys.stderr)
         return 2
+    except MergeCheckError as e:  # not a user mistake and not a crash: the export is refused, report kept
+        print(f"qlora-kit: {e}", file=sys.stderr)
+        return 1
     return 0

@@ -69,6 +69,10 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     # Log every N optimizer steps to metrics.jsonl.
     log_every: int = 1
+    # Merge the adapter into its base at the end (`output_dir/merged`, checked; see `qlora-kit merge`).
+    merge_after: bool = False
+    # float16 loads everywhere; bfloat16 when weights exceed float16's range (the merge says so).
+    merge_dtype: str = "float16"
 
 
 @dataclass
@@ -326,6 +330,8 @@ def validate(recipe: Recipe, where: dict[str, str] | None = None) -> None:
     check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
     check(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
     check(t.log_every > 0, "train.log_every", "must be positive")
+    check(t.merge_dtype in ("float16", "bfloat16", "float32"), "train.merge_dtype",
+          f"must be float16, bfloat16 or float32, got {t.merge_dtype!r}")
     check(q.quant_type in QUANT_TYPES, "quant.quant_type",
           f"must be one of {', '.join(QUANT_TYPES)}, got {q.quant_type!r}")
     check(q.compute_dtype in COMPUTE_DTYPES, "quant.compute_dtype",

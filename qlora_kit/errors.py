@@ -7,3 +7,7 @@ exception is a bug in qlora-kit and keeps its traceback.
 
 class UserError(Exception):
     """A mistake in the user's input: a recipe key, a path, a model or adapter that does not fit."""
+
+
+class MergeCheckError(RuntimeError):
+    """The merged model does not compute what the adapter on its base computes; the export is refused."""

@@ -58,11 +58,8 @@ def load_quantized(path: Path, quant: QuantConfig, device: torch.device,
                    trust_remote_code: bool = False) -> LoadedModel:
     """Build `path`'s model on the meta device, then stream, quantize and freeze its weights onto `device`."""
     dtype = compute_dtype_for(quant.compute_dtype, device)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
-    with init_empty_weights(include_buffers=False):  # params on meta; buffers (rotary freqs) computed for real
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa",
-                                                 trust_remote_code=trust_remote_code)
+    model = meta_model(path, dtype, trust_remote_code)
+    config = model.config
     quantized = set(quantizable_linears(model))
     keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or []
     for name, tensor in _stream_checkpoint(path):
@@ -72,8 +69,10 @@ def load_quantized(path: Path, quant: QuantConfig, device: torch.device,
         if module_name in quantized and param == "weight":
             _swap_in_4bit(model, module_name, tensor.to(dtype), quant, dtype, device)
         else:
-            target = torch.float32 if any(k in name for k in keep_fp32) or not tensor.is_floating_point() else dtype
-            _assign(model, name, tensor.to(device=device, dtype=target if tensor.is_floating_point() else tensor.dtype))
+            target = torch.float32 if any(k in name for k in keep_fp32) else dtype
+            target = target if tensor.is_floating_point() else tensor.dtype
+            # copy=True: own the memory rather than keep a view into the shard's memory map
+            _assign(model, name, tensor.to(device=device, dtype=target, copy=True))
     if getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings", False):
         model.tie_weights()
     for buffer_owner in model.modules():  # buffers were built on the CPU
@@ -86,23 +85,45 @@ def load_quantized(path: Path, quant: QuantConfig, device: torch.device,
     return LoadedModel(model, load_tokenizer(path, trust_remote_code), path, dtype)
 
 
+def meta_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The model of `path`'s config.json with parameters on the meta device (no memory, no weights read)."""
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    with init_empty_weights(include_buffers=False):  # params on meta; buffers (rotary freqs) computed for real
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa",
+                                                trust_remote_code=trust_remote_code)
+
+
+def quantize_roundtrip(weight: torch.Tensor, quant: QuantConfig, device: torch.device) -> torch.Tensor:
+    """The weight a 4-bit layer computes with: `weight` quantized exactly as `load_quantized` does, then
+    dequantized (in `weight`'s dtype). Merging adds the adapter to this, not to the original weight."""
+    w = weight.contiguous().to(device)
+    packed, state = bnb.functional.quantize_4bit(w, blocksize=quant.blocksize, compress_statistics=quant.double_quant,
+                                                 quant_type=quant.quant_type,
+                                                 quant_storage=getattr(torch, quant.storage_dtype))
+    return bnb.functional.dequantize_4bit(packed, state)
+
+
 def quantizable_linears(model: nn.Module) -> list[str]:
     """Names of the linear layers that get quantized: all of them but the output head (kept in 16 bits)."""
     head = model.get_output_embeddings()
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
 
 
-def _stream_checkpoint(path: Path):
-    """Yield (name, tensor) for every tensor of the checkpoint, one shard open at a time, memory-mapped."""
+def checkpoint_files(path: Path) -> list[str]:
+    """The safetensors shard names of a model directory, in order."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json (qlora-kit loads "
-                        "safetensors only; convert .bin checkpoints first)")
-    for file in files:
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if (path / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json (qlora-kit loads "
+                    "safetensors only; convert .bin checkpoints first)")
+
+
+def _stream_checkpoint(path: Path):
+    """Yield (name, tensor) for every tensor of the checkpoint, one shard open at a time, memory-mapped."""
+    for file in checkpoint_files(path):
         with safe_open(path / file, framework="pt", device="cpu") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)

@@ -7,6 +7,8 @@ for DDP and shards the data; everything else is written out here.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import math
 import sys
 import time
@@ -150,8 +152,16 @@ def train(recipe: Recipe, overwrite: bool = False) -> TrainResult:
         unwrapped = accelerator.unwrap_model(model)
         config = adapter_io.adapter_config(recipe.lora, adapter_io.peft_target_modules(targets, candidates),
                                            str(loaded.path.resolve()))
+        metadata = {"model_path": str(loaded.path.resolve()), "quant": dataclasses.asdict(recipe.quant),
+                    "compute_dtype": str(loaded.compute_dtype).removeprefix("torch."),
+                    "quant_device": accelerator.device.type}
         adapter_io.save_adapter(unwrapped, adapter_dir, config,
-                                {"recipe.yaml": yaml.safe_dump(to_dict(recipe), sort_keys=False)})
+                                {"recipe.yaml": yaml.safe_dump(to_dict(recipe), sort_keys=False),
+                                 adapter_io.METADATA_NAME: json.dumps(metadata, indent=2) + "\n"})
+    if main and t.merge_after:
+        from qlora_kit.merge import merge
+
+        merge(adapter_dir, out / "merged", dtype=t.merge_dtype, overwrite=True)
     peak = peak_memory_bytes(accelerator.device)
     if main:
         print(f"done: {total_steps} steps in {elapsed:.1f} s, {total_tokens / elapsed:.0f} tokens/s, final loss "

@@ -4,12 +4,13 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
-from conftest import make_tiny_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from qlora_kit.config import QuantConfig
 from qlora_kit.errors import UserError
 from qlora_kit.model import compute_dtype_for, load_quantized
+
+from conftest import make_tiny_model
 
 CPU = torch.device("cpu")
 

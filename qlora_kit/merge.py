@@ -1,0 +1,269 @@
+"""Merge an adapter into its base and export a plain Hugging Face model, streamed shard by shard.
+
+    W_merged = cast(W_base.float() + scale * B.float() @ A.float())          (added in fp32, cast once)
+
+W_base is, by default, the weight the adapter was trained against: the original weight through the same 4-bit
+quantize -> dequantize round trip training used (`--base dequantized`). Merging into the original 16-bit
+weight instead (`--base original`) gives a model the adapter never saw; the report shows what that costs.
+The merged model is never re-quantized.
+
+Memory: one input shard (memory-mapped) + one output shard + the adapter, whatever the model size. Every
+merged linear is checked on random inputs against `W_base @ x + lora(x)`, and, when the model is small
+enough, the exported model's logits against the adapter on the 4-bit base; `merge_report.json` says how close.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from qlora_kit import adapter as adapter_io
+from qlora_kit.config import QuantConfig
+from qlora_kit.errors import MergeCheckError, UserError
+from qlora_kit.lora import add_lora
+from qlora_kit.metrics import peak_memory_bytes
+from qlora_kit.model import checkpoint_files, load_quantized, meta_model, quantizable_linears, quantize_roundtrip
+from qlora_kit.zoo import resolve_model_path
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# Per-layer parity bound, relative to the layer's largest output: casting once to the output dtype costs
+# about one rounding (eps / 2) per weight; fp32 differs only by summation order.
+LAYER_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# Logit bound, relative to the largest logit, after every layer's rounding has compounded.
+LOGIT_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
+FP16_MAX = 65504.0
+MAX_SHARD_BYTES = 2 * 2**30
+LOGIT_CHECK_MAX_BYTES = 4 * 2**30  # full-model logit check only when base + export fit comfortably in RAM
+
+
+@dataclass
+class MergePlan:
+    """Everything the merge needs to know, read from the adapter directory (and `--model`)."""
+
+    base_path: Path
+    adapter_dir: Path
+    loras: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (A, B)
+    scale: float
+    quantized: set[str]  # linear layers that were 4-bit in training
+    quant: QuantConfig
+    compute_dtype: torch.dtype
+    quant_device: torch.device
+
+
+@dataclass
+class MergeReport:
+    dtype: str
+    base: str
+    layers: dict[str, float] = field(default_factory=dict)  # max relative error per merged linear
+    logits_max_abs_diff: float | None = None
+    logits_max_abs: float | None = None
+    quantization_error: dict[str, float] = field(default_factory=dict)  # --base original only
+    seconds: float = 0.0
+    peak_mem_bytes: int = 0
+    passed: bool = True
+    failures: list[str] = field(default_factory=list)
+
+
+def plan_merge(adapter_dir: Path, model_path: str | None = None) -> MergePlan:
+    config = adapter_io.read_adapter_config(adapter_dir)
+    meta = adapter_io.read_training_metadata(adapter_dir)
+    base_path = resolve_model_path(model_path or meta.get("model_path") or config["base_model_name_or_path"])
+    r, alpha = config["r"], config["lora_alpha"]
+    scale = alpha / r**0.5 if config.get("use_rslora") else alpha / r
+    weights = load_file(Path(adapter_dir) / adapter_io.WEIGHTS_NAME)
+    loras = {}
+    for key, a in weights.items():
+        if ".lora_A." in key:
+            module = key.removeprefix(adapter_io.PEFT_PREFIX).split(".lora_A.")[0]
+            loras[module] = (a, weights[key.replace(".lora_A.", ".lora_B.")])
+    quant = QuantConfig(**meta.get("quant", {}))
+    compute = meta.get("compute_dtype", "float32" if quant.compute_dtype == "auto" else quant.compute_dtype)
+    device = torch.device(meta.get("quant_device", "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        device = torch.device("cpu")  # same algorithm; bit-identity with a GPU-trained run is then not promised
+    quantized = set(quantizable_linears(meta_model(base_path)))
+    unknown = sorted(set(loras) - quantized)
+    if unknown:
+        raise UserError(f"{adapter_dir}: adapter targets {unknown[0]}, which is not a linear layer of {base_path}")
+    return MergePlan(base_path, Path(adapter_dir), loras, scale, quantized, quant, getattr(torch, compute), device)
+
+
+def merge(adapter_dir: Path, out_dir: Path, dtype: str = "float16", base: str = "dequantized",
+          model_path: str | None = None, overwrite: bool = False, check: bool = True,
+          max_shard_bytes: int = MAX_SHARD_BYTES, logit_check_max_bytes: int = LOGIT_CHECK_MAX_BYTES) -> MergeReport:
+    """Write the merged model to `out_dir` atomically; raise `MergeCheckError` if the parity check fails."""
+    start = time.perf_counter()
+    out_dir, out_dtype = Path(out_dir), DTYPES[dtype]
+    if out_dir.exists() and not overwrite:
+        raise UserError(f"--out: {out_dir} already exists; pass --overwrite to replace it")
+    plan = plan_merge(Path(adapter_dir), model_path)
+    _check_disk_space(plan.base_path, out_dir, out_dtype)
+    report = MergeReport(dtype=dtype, base=base)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        _write_weights(plan, tmp, out_dtype, base, report, check, max_shard_bytes)
+        _write_config_and_tokenizer(plan.base_path, tmp, dtype)
+        if check and base == "dequantized" and _checkpoint_bytes(plan.base_path) <= logit_check_max_bytes:
+            _check_logits(plan, tmp, out_dtype, report)
+        report.seconds = time.perf_counter() - start
+        report.peak_mem_bytes = peak_memory_bytes(torch.device("cpu"))
+        (tmp / "merge_report.json").write_text(json.dumps(report.__dict__, indent=2) + "\n")
+        if not report.passed:
+            rejected = out_dir.with_name(out_dir.name + ".rejected")
+            shutil.rmtree(rejected, ignore_errors=True)
+            tmp.rename(rejected)
+            raise MergeCheckError(f"merge parity check failed ({'; '.join(report.failures[:3])}); the rejected "
+                                  f"export and its report are in {rejected}")
+        adapter_io.publish_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _write_weights(plan: MergePlan, out: Path, out_dtype: torch.dtype, base: str, report: MergeReport,
+                   check: bool, max_shard_bytes: int) -> None:
+    """Stream input shards, merge, and write output shards of at most `max_shard_bytes` plus the index."""
+    weight_map: dict[str, str] = {}
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes, n_shards, total_bytes = 0, 0, 0
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes, n_shards, total_bytes
+        n_shards += 1
+        total_bytes += shard_bytes
+        name = f"model-{n_shards:05d}.safetensors"
+        save_file(shard, out / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+        shard, shard_bytes = {}, 0
+
+    for file in checkpoint_files(plan.base_path):
+        with safe_open(plan.base_path / file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                tensor = _merged_tensor(plan, name, f.get_tensor(name), out_dtype, base, report, check)
+                if shard and shard_bytes + tensor.nbytes > max_shard_bytes:
+                    flush()
+                shard[name] = tensor
+                shard_bytes += tensor.nbytes
+    if shard:
+        flush()
+    if n_shards == 1:
+        (out / "model-00001.safetensors").rename(out / "model.safetensors")
+    else:
+        for old in sorted(set(weight_map.values())):  # HF's names say the shard count: model-00001-of-00003
+            new = old.replace(".safetensors", f"-of-{n_shards:05d}.safetensors")
+            (out / old).rename(out / new)
+        weight_map = {k: v.replace(".safetensors", f"-of-{n_shards:05d}.safetensors") for k, v in weight_map.items()}
+        index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _merged_tensor(plan: MergePlan, name: str, tensor: torch.Tensor, out_dtype: torch.dtype, base: str,
+                   report: MergeReport, check: bool) -> torch.Tensor:
+    module, _, attr = name.rpartition(".")
+    if not tensor.is_floating_point():
+        return tensor
+    if attr != "weight" or module not in plan.quantized:
+        return _cast(tensor, out_dtype, name)
+    original = tensor.to(plan.compute_dtype)  # training cast to the compute dtype before quantizing
+    dequantized = quantize_roundtrip(original, plan.quant, plan.quant_device).cpu()
+    weight = (dequantized if base == "dequantized" else original).float()
+    if module in plan.loras:
+        a, b = (t.float() for t in plan.loras[module])
+        weight = weight + plan.scale * (b @ a)
+    merged = _cast(weight, out_dtype, name)
+    if check and module in plan.loras:
+        _check_layer(plan, module, merged, dequantized, base, report)
+    return merged
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    if dtype == torch.float16 and (not torch.isfinite(tensor).all() or tensor.abs().max() > FP16_MAX):
+        raise UserError(f"'{name}' has values beyond float16's range (|w| > 65504, inf or nan); "
+                        "export with --dtype bfloat16 instead")
+    return tensor.to(dtype).contiguous()
+
+
+def _check_layer(plan: MergePlan, module: str, merged: torch.Tensor, dequantized: torch.Tensor, base: str,
+                 report: MergeReport) -> None:
+    """`merged @ x` against `dequant(W4) @ x + lora(x)` on random inputs, relative to the largest output."""
+    a, b = (t.float() for t in plan.loras[module])
+    x = torch.randn(8, merged.shape[1], generator=torch.Generator().manual_seed(0))
+    reference = x @ dequantized.float().T + plan.scale * (x @ a.T) @ b.T
+    ours = x @ merged.float().T
+    error = ((ours - reference).abs().max() / reference.abs().max().clamp_min(1e-12)).item()
+    report.layers[module] = error
+    if base == "original":
+        report.quantization_error[module] = error  # what merging into weights the adapter never saw costs
+        bad = not torch.isfinite(ours).all()
+    else:
+        bad = not error <= LAYER_TOLERANCE[merged.dtype]
+    if bad:
+        report.passed = False
+        report.failures.append(f"{module}: relative error {error:.2e}")
+
+
+def _check_logits(plan: MergePlan, out: Path, out_dtype: torch.dtype, report: MergeReport) -> None:
+    """Exported model (plain transformers) against the adapter on the 4-bit base, on a few random sequences."""
+    cpu = torch.device("cpu")
+    quant = QuantConfig(**{**plan.quant.__dict__, "compute_dtype": str(plan.compute_dtype).removeprefix("torch.")})
+    trained = load_quantized(plan.base_path, quant, cpu).model
+    config = adapter_io.read_adapter_config(plan.adapter_dir)
+    add_lora(trained, sorted(plan.loras), config["r"], config["lora_alpha"], 0.0, bool(config.get("use_rslora")),
+             next(iter(plan.loras.values()))[0].dtype)
+    adapter_io.load_adapter_weights(trained, plan.adapter_dir)
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(0, exported.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = trained.eval()(ids).logits.float()
+        ours = exported(ids).logits.float()
+    report.logits_max_abs_diff = (ours - reference).abs().max().item()
+    report.logits_max_abs = reference.abs().max().item()
+    if not report.logits_max_abs_diff <= LOGIT_TOLERANCE[out_dtype] * report.logits_max_abs:
+        report.passed = False
+        report.failures.append(f"logits differ by {report.logits_max_abs_diff:.2e} (max |logit| "
+                               f"{report.logits_max_abs:.2f})")
+
+
+def _checkpoint_bytes(path: Path) -> int:
+    return sum((path / f).stat().st_size for f in checkpoint_files(path))
+
+
+def _write_config_and_tokenizer(base_path: Path, out: Path, dtype: str) -> None:
+    """Copy every non-weight file (tokenizer, chat template, generation config); config.json says the dtype."""
+    for file in base_path.iterdir():
+        if file.is_file() and not file.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".index.json")):
+            shutil.copy2(file, out / file.name)
+    config = json.loads((base_path / "config.json").read_text())
+    config.pop("quantization_config", None)
+    config.pop("torch_dtype", None)
+    config["dtype"] = dtype
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _check_disk_space(base_path: Path, out_dir: Path, out_dtype: torch.dtype) -> None:
+    """Estimate the export's size from the base's tensors and refuse to start when it cannot fit."""
+    needed = 0
+    for file in checkpoint_files(base_path):
+        with safe_open(base_path / file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                s = f.get_slice(name)
+                numel = 1
+                for d in s.get_shape():
+                    numel *= d
+                needed += numel * out_dtype.itemsize
+    parent = next(p for p in [out_dir, *out_dir.parents] if p.exists())
+    free = shutil.disk_usage(parent).free
+    if free < needed * 1.05:
+        raise UserError(f"--out: {parent} has {free / 2**30:.1f} GiB free, the export needs about "
+                        f"{needed / 2**30:.1f} GiB")
