@@ -30,7 +30,7 @@ from qlora_kit import adapter as adapter_io
 from qlora_kit.config import QuantConfig
 from qlora_kit.errors import MergeCheckError, UserError
 from qlora_kit.lora import add_lora
-from qlora_kit.metrics import peak_memory_bytes
+from qlora_kit.metrics import peak_memory_bytes, return_large_frees_to_os
 from qlora_kit.model import checkpoint_files, load_quantized, meta_model, quantizable_linears, quantize_roundtrip
 from qlora_kit.zoo import resolve_model_path
 
@@ -102,6 +102,7 @@ def merge(adapter_dir: Path, out_dir: Path, dtype: str = "float16", base: str = 
           max_shard_bytes: int = MAX_SHARD_BYTES, logit_check_max_bytes: int = LOGIT_CHECK_MAX_BYTES) -> MergeReport:
     """Write the merged model to `out_dir` atomically; raise `MergeCheckError` if the parity check fails."""
     start = time.perf_counter()
+    return_large_frees_to_os()
     out_dir, out_dtype = Path(out_dir), DTYPES[dtype]
     if out_dir.exists() and not overwrite:
         raise UserError(f"--out: {out_dir} already exists; pass --overwrite to replace it")
@@ -188,10 +189,16 @@ def _merged_tensor(plan: MergePlan, name: str, tensor: torch.Tensor, out_dtype: 
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
-    if dtype == torch.float16 and (not torch.isfinite(tensor).all() or tensor.abs().max() > FP16_MAX):
+    if dtype == torch.float16 and not _within_fp16(tensor):
         raise UserError(f"'{name}' has values beyond float16's range (|w| > 65504, inf or nan); "
                         "export with --dtype bfloat16 instead")
     return tensor.to(dtype).contiguous()
+
+
+def _within_fp16(tensor: torch.Tensor) -> bool:
+    """|w| <= 65504 and no inf or nan, without a tensor-sized temporary (NaN fails both comparisons)."""
+    low, high = torch.aminmax(tensor)
+    return bool(low >= -FP16_MAX) and bool(high <= FP16_MAX)
 
 
 def _check_layer(plan: MergePlan, module: str, merged: torch.Tensor, dequantized: torch.Tensor, base: str,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import resource
 import sys
@@ -11,11 +12,36 @@ import torch
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory of this process: max allocated on CUDA; peak resident set size on CPU."""
+    """Peak memory of this process: max allocated on CUDA; peak resident set size on CPU.
+
+    On Linux this reads VmHWM: `ru_maxrss` survives `execve`, so a process started by a large parent would
+    report the parent's peak as its own.
+    """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
+
+
+def return_large_frees_to_os() -> None:
+    """Have glibc serve allocations of 1 MiB and more with mmap, so freeing them gives the memory back at once.
+
+    Streaming loops (load, merge) allocate and free tensor-sized blocks over and over. glibc's default raises
+    its mmap threshold as such blocks are freed (up to 32 MiB) and then serves them from the heap, where
+    fragmentation keeps freed memory resident: peak RSS then creeps up with the model's size instead of
+    staying at one tensor or shard. No effect outside glibc.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 class MetricsLog:

@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from qlora_kit.config import QuantConfig
 from qlora_kit.errors import UserError
+from qlora_kit.metrics import return_large_frees_to_os
 
 # Checkpoint entries that are derived at init time and may be absent from, or stale in, a checkpoint.
 _IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
@@ -57,6 +58,7 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False) -> PreTrainedTok
 def load_quantized(path: Path, quant: QuantConfig, device: torch.device,
                    trust_remote_code: bool = False) -> LoadedModel:
     """Build `path`'s model on the meta device, then stream, quantize and freeze its weights onto `device`."""
+    return_large_frees_to_os()
     dtype = compute_dtype_for(quant.compute_dtype, device)
     model = meta_model(path, dtype, trust_remote_code)
     config = model.config
