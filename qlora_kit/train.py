@@ -149,15 +149,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> TrainResult:
     accelerator.wait_for_everyone()
     if main:
         log.close()
-        unwrapped = accelerator.unwrap_model(model)
-        config = adapter_io.adapter_config(recipe.lora, adapter_io.peft_target_modules(targets, candidates),
-                                           str(loaded.path.resolve()))
-        metadata = {"model_path": str(loaded.path.resolve()), "quant": dataclasses.asdict(recipe.quant),
-                    "compute_dtype": str(loaded.compute_dtype).removeprefix("torch."),
-                    "quant_device": accelerator.device.type}
-        adapter_io.save_adapter(unwrapped, adapter_dir, config,
-                                {"recipe.yaml": yaml.safe_dump(to_dict(recipe), sort_keys=False),
-                                 adapter_io.METADATA_NAME: json.dumps(metadata, indent=2) + "\n"})
+        save_run_adapter(recipe, loaded, accelerator.unwrap_model(model), targets, candidates, adapter_dir)
     if main and t.merge_after:
         from qlora_kit.merge import merge
 
@@ -169,6 +161,19 @@ def train(recipe: Recipe, overwrite: bool = False) -> TrainResult:
               f"{out / 'metrics.jsonl'}", file=sys.stderr)
     accelerator.end_training()
     return TrainResult(total_steps, elapsed, total_tokens, peak, adapter_dir, loss, accelerator.unwrap_model(model))
+
+
+def save_run_adapter(recipe: Recipe, loaded: LoadedModel, model: torch.nn.Module, targets: list[str],
+                     candidates: list[str], adapter_dir: Path) -> None:
+    """PEFT's two files, plus the recipe and how the base was quantized (so a merge can reproduce it)."""
+    base = str(loaded.path.resolve())
+    config = adapter_io.adapter_config(recipe.lora, adapter_io.peft_target_modules(targets, candidates), base)
+    device = next(p.device for p in model.parameters() if p.requires_grad)
+    metadata = {"model_path": base, "quant": dataclasses.asdict(recipe.quant),
+                "compute_dtype": str(loaded.compute_dtype).removeprefix("torch."), "quant_device": device.type}
+    adapter_io.save_adapter(model, adapter_dir, config,
+                            {"recipe.yaml": yaml.safe_dump(to_dict(recipe), sort_keys=False),
+                             adapter_io.METADATA_NAME: json.dumps(metadata, indent=2) + "\n"})
 
 
 def enable_checkpointing(model: torch.nn.Module) -> None:
