@@ -29,9 +29,9 @@ from transformers import AutoModelForCausalLM
 from qlora_kit import adapter as adapter_io
 from qlora_kit.config import QuantConfig
 from qlora_kit.errors import MergeCheckError, UserError
-from qlora_kit.lora import add_lora
+from qlora_kit.inference import load_adapter_model
 from qlora_kit.metrics import peak_memory_bytes, return_large_frees_to_os
-from qlora_kit.model import checkpoint_files, load_quantized, meta_model, quantizable_linears, quantize_roundtrip
+from qlora_kit.model import checkpoint_files, meta_model, quantizable_linears, quantize_roundtrip
 from qlora_kit.zoo import resolve_model_path
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -222,13 +222,8 @@ def _check_layer(plan: MergePlan, module: str, merged: torch.Tensor, dequantized
 
 def _check_logits(plan: MergePlan, out: Path, out_dtype: torch.dtype, report: MergeReport) -> None:
     """Exported model (plain transformers) against the adapter on the 4-bit base, on a few random sequences."""
-    cpu = torch.device("cpu")
-    quant = QuantConfig(**{**plan.quant.__dict__, "compute_dtype": str(plan.compute_dtype).removeprefix("torch.")})
-    trained = load_quantized(plan.base_path, quant, cpu).model
-    config = adapter_io.read_adapter_config(plan.adapter_dir)
-    add_lora(trained, sorted(plan.loras), config["r"], config["lora_alpha"], 0.0, bool(config.get("use_rslora")),
-             next(iter(plan.loras.values()))[0].dtype)
-    adapter_io.load_adapter_weights(trained, plan.adapter_dir)
+    compute = str(plan.compute_dtype).removeprefix("torch.")
+    trained = load_adapter_model(plan.adapter_dir, torch.device("cpu"), compute, str(plan.base_path)).model
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = torch.randint(0, exported.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
