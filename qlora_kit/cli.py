@@ -1,4 +1,4 @@
-"""`qlora-kit` command line: `train`, `merge`. User mistakes exit 2 with one line; `--debug` shows tracebacks."""
+"""`qlora-kit` command line. User mistakes exit 2 with one line; `--debug` shows their traceback."""
 
 from __future__ import annotations
 
@@ -29,6 +29,17 @@ def _merge(args: argparse.Namespace) -> None:
           f"{args.out}/merge_report.json", file=sys.stderr)
 
 
+def _generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from qlora_kit.inference import generate, load_for_inference
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_for_inference(args.model, device)
+    generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, stream=True)
+    print()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora-kit", description="QLoRA finetuning on a frozen 4-bit base.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
@@ -52,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--no-check", action="store_true", help="skip the parity check")
     merge.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     merge.set_defaults(func=_merge)
+
+    gen = commands.add_parser("generate", help="generate text with a model or adapter (chat template applied)")
+    gen.add_argument("model", help="adapter directory, model directory, .gguf file or built-in model name")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    gen.set_defaults(func=_generate)
     return parser
 
 
