@@ -13,6 +13,7 @@ import difflib
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,9 @@ LR_SCHEDULES = ("cosine", "constant")
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 STORAGE_DTYPES = ("uint8", "bfloat16", "float16", "float32")
+DATA_FORMATS = ("auto", "prompt_completion", "alpaca", "chat", "text")
+PACKINGS = ("padding_free", "pack", "none")
+TOO_LONG = ("truncate", "drop", "error")
 
 
 @dataclass
@@ -41,8 +45,39 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # A JSONL file of {"text": ...} or {"prompt": ..., "completion": ...} rows (loss on the completion only).
+    # A .jsonl, .json, .csv or .parquet file, a folder of them, or a `datasets` hub name (with allow_network).
     path: str = ""
+    # `auto` picks from the first row's columns: messages -> chat, instruction + output -> alpaca,
+    # prompt + completion -> prompt_completion, text -> text (continued pretraining).
+    format: str = "auto"
+    # A Jinja chat template (or a file holding one) for `chat` data; null uses the model tokenizer's own, which is
+    # what the model will be served with.
+    chat_template: str | None = None
+    # Where each field lives in your data, when its column has another name.
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    instruction_column: str = "instruction"
+    input_column: str = "input"
+    output_column: str = "output"
+    messages_column: str = "messages"
+    text_column: str = "text"
+    # Off: loss on completions / assistant turns only; training on prompts spends capacity on text the model is
+    # given, not asked to write.
+    train_on_prompt: bool = False
+    # `padding_free`: a micro-batch's examples in one row, no padding, the same steps and losses as padded
+    # batches. `pack`: rows of train.seq_len holding as many examples as fit (fewer, fuller steps: another
+    # trajectory). `none`: padded batches of similar lengths.
+    packing: str = "padding_free"
+    # Examples longer than train.seq_len: `truncate` (the prompt first, from its start; then the end), `drop`,
+    # or `error`. Truncating keeps every example, which is what most datasets with a few long rows want.
+    too_long: str = "truncate"
+    # A separate evaluation file (same format as data.path), or a fraction of data.path held out (seeded).
+    eval_path: str | None = None
+    eval_fraction: float = 0.0
+    # Off: a bad row stops the run before training, naming its file:line. On: bad rows are left out and counted.
+    skip_bad_rows: bool = False
+    # Tokenising processes; 0 = one per 10,000 rows up to the CPU count (a process costs ~1 s to start).
+    num_proc: int = 0
 
 
 @dataclass
@@ -69,6 +104,8 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     # Log every N optimizer steps to metrics.jsonl.
     log_every: int = 1
+    # Evaluation loss every N optimizer steps (0 = only at the end); needs data.eval_path or data.eval_fraction.
+    eval_every: int = 0
     # Merge the adapter into its base at the end (`output_dir/merged`, checked; see `qlora-kit merge`).
     merge_after: bool = False
     # float16 loads everywhere; bfloat16 when weights exceed float16's range (the merge says so).
@@ -341,7 +378,23 @@ def validate(recipe: Recipe, where: dict[str, str] | None = None) -> None:
     check(q.storage_dtype in STORAGE_DTYPES, "quant.storage_dtype",
           f"must be one of {', '.join(STORAGE_DTYPES)}, got {q.storage_dtype!r}")
     check(bool(recipe.model.path), "model.path", "must be set")
+    validate_data(recipe.data, check)
+    check(t.eval_every >= 0, "train.eval_every", f"must be >= 0 (0 = evaluate at the end only), got {t.eval_every}")
+    check(not t.eval_every or bool(recipe.data.eval_path or recipe.data.eval_fraction), "train.eval_every",
+          "needs evaluation data: set data.eval_path or data.eval_fraction")
     check(bool(recipe.output_dir), "output_dir", "must be set")
+
+
+def validate_data(d: DataConfig, check: Callable[[bool, str, str], None]) -> None:
+    check(d.format in DATA_FORMATS, "data.format", f"must be one of {', '.join(DATA_FORMATS)}, got {d.format!r}")
+    check(d.packing in PACKINGS, "data.packing", f"must be one of {', '.join(PACKINGS)}, got {d.packing!r}")
+    check(d.too_long in TOO_LONG, "data.too_long", f"must be one of {', '.join(TOO_LONG)}, got {d.too_long!r}")
+    check(0 <= d.eval_fraction < 1, "data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}")
+    check(not (d.eval_path and d.eval_fraction), "data.eval_fraction",
+          "cannot be set together with data.eval_path: choose one source of evaluation data")
+    check(d.num_proc >= 0, "data.num_proc", f"must be >= 0 (0 = automatic), got {d.num_proc}")
+    for key in ("prompt", "completion", "instruction", "input", "output", "messages", "text"):
+        check(bool(getattr(d, f"{key}_column")), f"data.{key}_column", "must be a column name, not empty")
 
 
 def to_dict(recipe: Recipe) -> dict[str, Any]:

@@ -11,12 +11,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qlora_kit.data import IGNORE
+from qlora_kit.batching import forward_inputs
+from qlora_kit.formats import IGNORE
 
 
 def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(sum of per-token losses, number of label tokens). Only label positions are upcast to fp32."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    """(sum of per-token losses, number of label tokens). Only label positions are upcast to fp32.
+
+    Works on every `data.packing` layout: in concatenated rows each example's first label is IGNORE, so the shift
+    by one never makes an example predict the next one's first token.
+    """
+    logits = model(**forward_inputs(batch)).logits
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE
     picked = logits[:, :-1][mask].float()

@@ -1,4 +1,4 @@
-"""The training loop: named setup steps, then one explicit loop (accumulate, clip, step, schedule, log, save).
+"""The training loop: named setup steps, then one explicit loop (accumulate, clip, step, schedule, log, eval, save).
 
 It runs unchanged as a plain command or under `accelerate launch`: Accelerate picks the device, wraps the model
 for DDP and shards the data; everything else is written out here.
@@ -25,13 +25,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from qlora_kit import adapter as adapter_io
+from qlora_kit.batching import build_loader, padded_slots
 from qlora_kit.config import Recipe, save_recipe, to_dict
-from qlora_kit.data import IGNORE, collate, load_examples
+from qlora_kit.data import load_data
 from qlora_kit.errors import UserError
+from qlora_kit.formats import IGNORE
 from qlora_kit.lora import add_lora, select_targets
 from qlora_kit.loss import token_loss_sum
 from qlora_kit.metrics import MetricsLog, human_bytes, peak_memory_bytes
-from qlora_kit.model import LoadedModel, load_quantized, quantizable_linears
+from qlora_kit.model import LoadedModel, load_quantized, load_tokenizer, quantizable_linears
 from qlora_kit.optim import build_optimizer, build_scheduler
 from qlora_kit.zoo import resolve_model_path
 
@@ -45,6 +47,7 @@ class TrainResult:
     adapter_dir: Path
     final_loss: float
     model: torch.nn.Module  # the trained model (4-bit base + LoRA), unwrapped, for in-process use
+    eval_loss: float | None = None  # at the end, when there is evaluation data
 
 
 def build_model(recipe: Recipe, device: torch.device) -> tuple[LoadedModel, list[str], list[str]]:
@@ -79,28 +82,36 @@ def check_adapter_matches(recipe: Recipe, adapter_dir: Path, candidates: list[st
 
 
 def train(recipe: Recipe, overwrite: bool = False) -> TrainResult:
-    # ---- setup: process group and device, output directory, seed
+    # ---- setup: process group and device, seed
     accelerator = Accelerator()
     main = accelerator.is_main_process
     out = Path(recipe.output_dir)
-    if main:
-        prepare_output_dir(out, overwrite)
-        save_recipe(recipe, out / "recipe.yaml")
     set_seed(recipe.seed)
     t = recipe.train
 
+    # ---- data: read, check and tokenise every row before anything is written, so bad data fails fast
+    tokenizer = load_tokenizer(resolve_model_path(recipe.model.path, recipe.allow_network),
+                               recipe.model.trust_remote_code)
+    with accelerator.main_process_first():  # the others then read rank 0's tokenisation from the cache
+        train_data, eval_data = load_data(recipe.data, tokenizer, t.seq_len, recipe.seed, recipe.allow_network)
+    if main:
+        print(f"data: {train_data.summary()}" + (f"; eval: {eval_data.summary()}" if eval_data else ""),
+              file=sys.stderr)
+        prepare_output_dir(out, overwrite)
+        save_recipe(recipe, out / "recipe.yaml")
+
     # ---- model: 4-bit frozen base + LoRA, checkpointing
     loaded, targets, candidates = build_model(recipe, accelerator.device)
-    model, tokenizer = loaded.model, loaded.tokenizer
+    model = loaded.model
     if t.gradient_checkpointing:
         enable_checkpointing(model)
     model.train()
 
-    # ---- data, optimizer, schedule
-    examples = load_examples(recipe.data.path or _missing_data(), tokenizer, t.seq_len)
-    loader = DataLoader(examples, batch_size=t.micro_batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(recipe.seed),
-                        collate_fn=partial(collate, pad_id=tokenizer.pad_token_id))
+    # ---- batches, optimizer, schedule
+    batches = partial(build_loader, packing=recipe.data.packing, micro_batch_size=t.micro_batch_size,
+                      seq_len=t.seq_len, pad_id=tokenizer.pad_token_id, seed=recipe.seed)
+    loader = batches(train_data.dataset)
+    eval_loader = accelerator.prepare(batches(eval_data.dataset, shuffle=False)) if eval_data else None
     optimizer = build_optimizer(model, recipe.optim, t.lr)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     steps_per_epoch = math.ceil(len(loader) / t.grad_accum)
@@ -111,7 +122,8 @@ def train(recipe: Recipe, overwrite: bool = False) -> TrainResult:
     # ---- the loop: one iteration per optimizer step
     log = MetricsLog(out / "metrics.jsonl") if main else None
     bar = tqdm(total=total_steps, disable=not (main and sys.stderr.isatty()), desc="train", unit="step")
-    start, total_tokens, loss = time.perf_counter(), 0, float("nan")
+    start, total_tokens, loss, eval_loss = time.perf_counter(), 0, float("nan"), None
+    slots = torch.zeros(2, dtype=torch.long)  # token positions run through the model; what padding would take
     groups = micro_batch_groups(loader, t.grad_accum)
     for step in range(1, total_steps + 1):
         step_start = time.perf_counter()
@@ -134,13 +146,19 @@ def train(recipe: Recipe, overwrite: bool = False) -> TrainResult:
         loss = accelerator.reduce(loss_sum, "sum").item() / max(label_tokens, 1)
         tokens = int(accelerator.reduce(_count(group, "attention_mask"), "sum").item())
         total_tokens += tokens
+        step_slots = accelerator.reduce(_slots(group).to(accelerator.device), "sum").cpu()
+        slots += step_slots
+        seconds = time.perf_counter() - step_start
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
-        if log and (step % t.log_every == 0 or step == total_steps):
-            seconds = time.perf_counter() - step_start
+        evaluating = eval_loader is not None and (step == total_steps or (t.eval_every and step % t.eval_every == 0))
+        if evaluating:
+            eval_loss = evaluate(model, eval_loader, accelerator)
+        if log and (step % t.log_every == 0 or step == total_steps or evaluating):
             log.write({"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                       "tokens": tokens, "tokens_per_s": tokens / seconds, "seconds": seconds,
-                       "peak_mem_bytes": peak_memory_bytes(accelerator.device)})
+                       "tokens": tokens, "slots": int(step_slots[0]), "tokens_per_s": tokens / seconds,
+                       "seconds": seconds, "peak_mem_bytes": peak_memory_bytes(accelerator.device),
+                       **({"eval_loss": eval_loss} if evaluating else {})})
     bar.close()
     elapsed = time.perf_counter() - start
 
@@ -156,11 +174,17 @@ def train(recipe: Recipe, overwrite: bool = False) -> TrainResult:
         merge(adapter_dir, out / "merged", dtype=t.merge_dtype, overwrite=True)
     peak = peak_memory_bytes(accelerator.device)
     if main:
+        computed, padded = slots.tolist()
+        print(f"padding: real tokens filled {total_tokens / max(computed, 1):.1%} of the positions computed "
+              f"(data.packing: {recipe.data.packing}); padded batches of the same examples: "
+              f"{total_tokens / max(padded, 1):.1%}", file=sys.stderr)
+        evaluated = f", eval loss {eval_loss:.4f}" if eval_loss is not None else ""
         print(f"done: {total_steps} steps in {elapsed:.1f} s, {total_tokens / elapsed:.0f} tokens/s, final loss "
-              f"{loss:.4f}, peak memory {human_bytes(peak)}; adapter: {adapter_dir}, metrics: "
+              f"{loss:.4f}{evaluated}, peak memory {human_bytes(peak)}; adapter: {adapter_dir}, metrics: "
               f"{out / 'metrics.jsonl'}", file=sys.stderr)
     accelerator.end_training()
-    return TrainResult(total_steps, elapsed, total_tokens, peak, adapter_dir, loss, accelerator.unwrap_model(model))
+    return TrainResult(total_steps, elapsed, total_tokens, peak, adapter_dir, loss, accelerator.unwrap_model(model),
+                       eval_loss)
 
 
 def save_run_adapter(recipe: Recipe, loaded: LoadedModel, model: torch.nn.Module, targets: list[str],
@@ -185,6 +209,20 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator) -> float:
+    """Mean token loss over the evaluation data on all processes, with dropout off; leaves the model training."""
+    model.eval()
+    sums = torch.zeros(2, device=accelerator.device)  # (loss sum, label tokens)
+    with torch.no_grad():
+        for batch in loader:
+            loss_sum, n = token_loss_sum(model, batch)
+            sums[0] += loss_sum.float()
+            sums[1] += n
+    model.train()
+    loss_sum, n = accelerator.reduce(sums, "sum").tolist()
+    return loss_sum / max(n, 1)
+
+
 def micro_batch_groups(loader, grad_accum: int):
     """Endless groups of `grad_accum` micro-batches; an epoch's last group may be shorter. Reshuffles per epoch."""
     epoch = 0
@@ -203,9 +241,9 @@ def _count(group: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
     return sum(b[key].sum() for b in group)
 
 
-def _missing_data() -> str:
-    raise UserError("'data.path' is not set: point it to a JSONL file of "
-                    '{"text"} or {"prompt", "completion"} rows')
+def _slots(group: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """(token positions the model computed, positions padded batches of the same examples would take)."""
+    return torch.tensor([sum(b["input_ids"].numel() for b in group), sum(padded_slots(b) for b in group)])
 
 
 def prepare_output_dir(out: Path, overwrite: bool) -> None:

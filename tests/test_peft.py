@@ -7,8 +7,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from qlora_kit import adapter as adapter_io
+from qlora_kit.batching import collate
 from qlora_kit.config import load_recipe
-from qlora_kit.data import collate, load_examples
+from qlora_kit.data import load_examples
 from qlora_kit.loss import token_loss_sum
 from qlora_kit.train import build_model, train
 
@@ -61,7 +62,7 @@ def test_trained_adapter_loss_under_peft_equals_ours(tiny_llama, memorise_data, 
     result = train(recipe)
     model = result.model.eval()
     tokenizer = build_model(recipe, CPU)[0].tokenizer
-    batch = collate(load_examples(memorise_data, tokenizer, 64), tokenizer.pad_token_id)
+    batch = collate(load_examples(memorise_data, tokenizer, 64).dataset, tokenizer.pad_token_id)
     with torch.no_grad():
         loss_sum, n = token_loss_sum(model, batch)
         ours = (loss_sum / n).item()

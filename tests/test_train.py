@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qlora_kit.batching import collate
 from qlora_kit.config import load_recipe
-from qlora_kit.data import collate, load_examples
+from qlora_kit.data import load_examples
 from qlora_kit.loss import token_loss_sum
 from qlora_kit.optim import build_optimizer
 from qlora_kit.train import build_model, train
@@ -35,7 +36,8 @@ def test_metrics_and_outputs(tiny_llama, memorise_data, tmp_path):
     train(recipe_for(tiny_llama, memorise_data, out, "train.max_steps=3", "train.micro_batch_size=2"))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
-    examples = load_examples(memorise_data, __import__("transformers").AutoTokenizer.from_pretrained(tiny_llama), 64)
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(tiny_llama)
+    examples = load_examples(memorise_data, tokenizer, 64).dataset
     real_tokens = sum(len(e["input_ids"]) for e in examples)
     assert sum(r["tokens"] for r in records[:2]) == real_tokens  # steps 1-2 are one epoch; padding excluded
     for r in records:
@@ -61,7 +63,7 @@ def test_base_weights_are_bit_identical_after_optimizer_steps(tiny_llama, memori
     lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert quant_bytes and all("lora_" in n for n in lora_before)
     optimizer = build_optimizer(model, recipe.optim, 1e-2)
-    batch = collate(load_examples(memorise_data, loaded.tokenizer, 64), loaded.tokenizer.pad_token_id)
+    batch = collate(load_examples(memorise_data, loaded.tokenizer, 64).dataset, loaded.tokenizer.pad_token_id)
     for _ in range(3):
         loss, n = token_loss_sum(model, batch)
         (loss / n).backward()
