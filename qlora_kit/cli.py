@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from qlora_kit.errors import MergeCheckError, UserError
 
@@ -40,6 +41,32 @@ def _generate(args: argparse.Namespace) -> None:
     print()
 
 
+def _eval(args: argparse.Namespace) -> None:
+    import json
+
+    import torch
+
+    from qlora_kit.evaluate import evaluate
+    from qlora_kit.inference import load_for_inference
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_for_inference(args.model, device)
+    result = evaluate(model, tokenizer, args.data, seq_len=args.seq_len, generate=not args.no_generate)
+    if args.json:
+        print(json.dumps({"loss": result.loss, "perplexity": result.perplexity, "exact_match": result.exact_match,
+                          "examples": result.examples}))
+        return
+    match = "n/a (no answers in raw text)" if result.exact_match is None else f"{result.exact_match:.1%}"
+    print(f"{'examples':<12}{result.examples}\n{'loss':<12}{result.loss:.4f}\n{'perplexity':<12}"
+          f"{result.perplexity:.3f}\n{'exact match':<12}{match}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from qlora_kit.demo import run_demo
+
+    run_demo(Path(args.out), args.overrides)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora-kit", description="QLoRA finetuning on a frozen 4-bit base.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
@@ -71,6 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     gen.set_defaults(func=_generate)
+
+    ev = commands.add_parser("eval", help="loss, perplexity and exact match of a model or adapter on a dataset")
+    ev.add_argument("model", help="adapter directory, model directory, .gguf file or built-in model name")
+    ev.add_argument("--data", required=True, help="a data file or folder in any format `train` reads")
+    ev.add_argument("--seq-len", type=int, default=2048)
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument("--no-generate", action="store_true", help="loss only, skip exact match")
+    ev.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    ev.set_defaults(func=_eval)
+
+    demo = commands.add_parser("demo", help="finetune SmolLM2-135M-Instruct on a small task, offline, end to end")
+    demo.add_argument("--out", default="runs/demo", help="where the run, the export and demo_report.json go")
+    demo.add_argument("overrides", nargs="*", metavar="key=value", help="demo recipe overrides")
+    demo.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    demo.set_defaults(func=_demo)
     return parser
 
 
