@@ -34,16 +34,19 @@ Example = dict[str, Any]  # input_ids, labels (lists of ints), length
 def build_loader(examples: Dataset, packing: str, micro_batch_size: int, seq_len: int, pad_id: int, seed: int,
                  shuffle: bool = True) -> DataLoader:
     """The loader for one `data.packing` layout, over `load_examples`' dataset (which has a `length` column)."""
+    # The loader's own generator: each `iter(loader)` draws a seed from it, which would otherwise come from the
+    # global RNG and shift dropout masks between a run and its resumed copy.
     generator = torch.Generator().manual_seed(seed)
     lengths = list(examples["length"])
     if packing == "none":
         return DataLoader(examples, batch_sampler=LengthGroupedBatches(lengths, micro_batch_size, seed, shuffle),
-                          collate_fn=partial(collate, pad_id=pad_id))
+                          collate_fn=partial(collate, pad_id=pad_id), generator=generator)
     if packing == "pack":
-        return DataLoader(PackedRows(examples, pack_rows(lengths, seq_len)), batch_size=micro_batch_size,
-                          shuffle=shuffle, generator=generator, collate_fn=partial(collate_rows, pad_id=pad_id))
-    return DataLoader(examples, batch_size=micro_batch_size, shuffle=shuffle, generator=generator,
-                      collate_fn=collate_padding_free)
+        rows = PackedRows(examples, pack_rows(lengths, seq_len))
+        return DataLoader(rows, batch_size=micro_batch_size, sampler=EpochShuffle(len(rows), seed, shuffle),
+                          generator=generator, collate_fn=partial(collate_rows, pad_id=pad_id))
+    return DataLoader(examples, batch_size=micro_batch_size, sampler=EpochShuffle(len(examples), seed, shuffle),
+                      generator=generator, collate_fn=collate_padding_free)
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
@@ -122,6 +125,25 @@ def padded_slots(batch: dict[str, torch.Tensor]) -> int:
     return examples * (int(batch["position_ids"][real].max()) + 1)
 
 
+class EpochShuffle(Sampler[int]):
+    """A random order that is a pure function of (seed, epoch): a resumed run replays any epoch's order exactly,
+    where a shared generator's order would depend on how many epochs this process happened to run."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:  # called by accelerate's `DataLoaderShard.set_epoch`
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.n))
+        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist())
+
+
 class LengthGroupedBatches(Sampler[list[int]]):
     """Padded batches of similar-length examples: shuffle, sort each window of 64 batches' worth of examples by
     length, cut it into batches, shuffle the batches. Padding drops to a few percent; batches stay random.
@@ -138,6 +160,9 @@ class LengthGroupedBatches(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return math.ceil(len(self.lengths) / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:  # makes the order of a pass a function of (seed, epoch) for resuming
+        self.passes = epoch
 
     def __iter__(self) -> Iterator[list[int]]:
         generator = torch.Generator().manual_seed(self.seed + self.passes)

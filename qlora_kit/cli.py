@@ -6,16 +6,34 @@ import argparse
 import sys
 from pathlib import Path
 
-from qlora_kit.errors import MergeCheckError, UserError
+from qlora_kit.errors import MergeCheckError, TrainingDiverged, UserError
 
 
 def _train(args: argparse.Namespace) -> None:
     from qlora_kit.config import load_recipe
 
+    resume = args.resume
+    if isinstance(resume, str) and "=" in resume and not Path(resume).exists():  # `--resume key=value`
+        args.overrides.append(resume)
+        resume = True
     recipe = load_recipe(args.recipe, args.overrides)  # before the heavy imports: recipe typos fail in 0.1 s
+    import torch
+
     from qlora_kit.train import train
 
-    train(recipe, overwrite=args.overwrite)
+    try:
+        train(recipe, overwrite=args.overwrite, resume=resume)
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(out_of_memory_message(recipe)) from None
+
+
+def out_of_memory_message(recipe) -> str:
+    """What to lower when the GPU runs out of memory, with the run's current values."""
+    t = recipe.train
+    checkpointing = "" if t.gradient_checkpointing else ", set train.gradient_checkpointing=true"
+    return (f"out of GPU memory: lower train.micro_batch_size (now {t.micro_batch_size}; raise train.grad_accum "
+            f"to keep the step size) or train.seq_len (now {t.seq_len}){checkpointing}; continue from the last "
+            "checkpoint with --resume")
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -61,6 +79,15 @@ def _eval(args: argparse.Namespace) -> None:
           f"{result.perplexity:.3f}\n{'exact match':<12}{match}")
 
 
+def _report(args: argparse.Namespace) -> None:
+    from qlora_kit.report import INSTALL_HINT, draw_report, headline, read_metrics
+
+    path = draw_report(Path(args.output_dir))
+    if path is None:
+        raise UserError(f"drawing the report needs matplotlib: {INSTALL_HINT}")
+    print(f"{headline(read_metrics(Path(args.output_dir)))}; report: {path}", file=sys.stderr)
+
+
 def _demo(args: argparse.Namespace) -> None:
     from qlora_kit.demo import run_demo
 
@@ -75,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="recipe YAML file")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. train.lr=1e-4")
     train.add_argument("--overwrite", action="store_true", help="replace the run already in output_dir")
+    train.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                       help="continue from the latest checkpoint in output_dir, or from PATH (a checkpoint or run)")
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     train.set_defaults(func=_train)
 
@@ -108,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     ev.set_defaults(func=_eval)
 
+    report = commands.add_parser("report", help="redraw OUTPUT_DIR/report.png from its metrics.jsonl")
+    report.add_argument("output_dir", help="a training output_dir")
+    report.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    report.set_defaults(func=_report)
+
     demo = commands.add_parser("demo", help="finetune SmolLM2-135M-Instruct on a small task, offline, end to end")
     demo.add_argument("--out", default="runs/demo", help="where the run, the export and demo_report.json go")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="demo recipe overrides")
@@ -132,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"qlora-kit: error: {e}", file=sys.stderr)
         return 2
-    except MergeCheckError as e:  # not a user mistake and not a crash: the export is refused, report kept
+    except (MergeCheckError, TrainingDiverged) as e:  # not a user mistake and not a crash: one line, exit 1
+        if args.debug:
+            raise
         print(f"qlora-kit: {e}", file=sys.stderr)
         return 1
     return 0

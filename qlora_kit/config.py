@@ -110,6 +110,15 @@ class TrainConfig:
     merge_after: bool = False
     # float16 loads everywhere; bfloat16 when weights exceed float16's range (the merge says so).
     merge_dtype: str = "float16"
+    # Checkpoint (adapter, optimizer, schedule, RNG, data position) every N optimizer steps, and always at the end;
+    # 0 = only at the end. Resume with `--resume`. Each costs ~3x the adapter's fp32 size on disk.
+    save_every: int = 0
+    # Checkpoints kept in output_dir/checkpoints (the newest); 2 so one survives a save that fails midway.
+    keep_checkpoints: int = 2
+    # Steps in a row with a non-finite loss or gradient norm that are skipped before the run stops as diverged.
+    max_bad_steps: int = 3
+    # Warn when a step's loss exceeds this multiple of the running average (0 disables); 5x is far beyond noise.
+    spike_factor: float = 5.0
 
 
 @dataclass
@@ -369,6 +378,10 @@ def validate(recipe: Recipe, where: dict[str, str] | None = None) -> None:
     check(t.log_every > 0, "train.log_every", "must be positive")
     check(t.merge_dtype in ("float16", "bfloat16", "float32"), "train.merge_dtype",
           f"must be float16, bfloat16 or float32, got {t.merge_dtype!r}")
+    check(t.save_every >= 0, "train.save_every", f"must be >= 0 (0 = only at the end), got {t.save_every}")
+    check(t.keep_checkpoints > 0, "train.keep_checkpoints", f"must be at least 1, got {t.keep_checkpoints}")
+    check(t.max_bad_steps >= 0, "train.max_bad_steps", f"must be >= 0, got {t.max_bad_steps}")
+    check(t.spike_factor >= 0, "train.spike_factor", f"must be >= 0 (0 disables), got {t.spike_factor}")
     check(q.quant_type in QUANT_TYPES, "quant.quant_type",
           f"must be one of {', '.join(QUANT_TYPES)}, got {q.quant_type!r}")
     check(q.compute_dtype in COMPUTE_DTYPES, "quant.compute_dtype",

@@ -11,3 +11,7 @@ class UserError(Exception):
 
 class MergeCheckError(RuntimeError):
     """The merged model does not compute what the adapter on its base computes; the export is refused."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient norm; the run stopped."""

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -25,7 +26,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from qlora_kit import adapter as adapter_io
+from qlora_kit import checkpoint as ckpt
 from qlora_kit.batching import build_loader, padded_slots
+from qlora_kit.checkpoint import TrainerState
 from qlora_kit.config import Recipe, save_recipe, to_dict
 from qlora_kit.data import load_data
 from qlora_kit.errors import UserError
@@ -35,6 +38,9 @@ from qlora_kit.loss import token_loss_sum
 from qlora_kit.metrics import MetricsLog, human_bytes, peak_memory_bytes
 from qlora_kit.model import LoadedModel, load_quantized, load_tokenizer, quantizable_linears
 from qlora_kit.optim import build_optimizer, build_scheduler
+from qlora_kit.preemption import Preemption
+from qlora_kit.report import draw_report, open_tensorboard, write_tensorboard
+from qlora_kit.watchdog import Watchdog
 from qlora_kit.zoo import resolve_model_path
 
 
@@ -48,6 +54,8 @@ class TrainResult:
     final_loss: float
     model: torch.nn.Module  # the trained model (4-bit base + LoRA), unwrapped, for in-process use
     eval_loss: float | None = None  # at the end, when there is evaluation data
+    checkpoint: Path | None = None  # the last checkpoint written
+    preempted: bool = False  # stopped early by SIGTERM/SIGINT, after saving `checkpoint`
 
 
 def build_model(recipe: Recipe, device: torch.device) -> tuple[LoadedModel, list[str], list[str]]:
@@ -81,13 +89,17 @@ def check_adapter_matches(recipe: Recipe, adapter_dir: Path, candidates: list[st
         raise UserError(f"'model.adapter': {adapter_dir} does not match the recipe: {'; '.join(differ)}")
 
 
-def train(recipe: Recipe, overwrite: bool = False) -> TrainResult:
-    # ---- setup: process group and device, seed
+def train(recipe: Recipe, overwrite: bool = False, resume: str | bool | None = None) -> TrainResult:
+    """Train; with `resume` (True: the latest checkpoint in output_dir, or a path) continue a stopped run exactly."""
+    # ---- setup: process group and device, seed, the checkpoint to resume from
     accelerator = Accelerator()
     main = accelerator.is_main_process
     out = Path(recipe.output_dir)
     set_seed(recipe.seed)
     t = recipe.train
+    resume_from = ckpt.resolve_resume(resume, out) if resume else None
+    if resume_from:
+        check_resumable(recipe, resume_from)
 
     # ---- data: read, check and tokenise every row before anything is written, so bad data fails fast
     tokenizer = load_tokenizer(resolve_model_path(recipe.model.path, recipe.allow_network),
@@ -97,7 +109,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> TrainResult:
     if main:
         print(f"data: {train_data.summary()}" + (f"; eval: {eval_data.summary()}" if eval_data else ""),
               file=sys.stderr)
-        prepare_output_dir(out, overwrite)
+        prepare_output_dir(out, overwrite, resume_step=ckpt.checkpoint_step(resume_from) if resume_from else None)
         save_recipe(recipe, out / "recipe.yaml")
 
     # ---- model: 4-bit frozen base + LoRA, checkpointing
@@ -118,47 +130,77 @@ def train(recipe: Recipe, overwrite: bool = False) -> TrainResult:
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, t, total_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    unwrapped = accelerator.unwrap_model(model)
+    write_adapter = partial(save_run_adapter, recipe, loaded, unwrapped, targets, candidates)
+    checkpoint_bytes = ckpt.estimate_bytes(unwrapped)
+    if main:  # a checkpoint and the final adapter must fit; better to know now than after hours of training
+        ckpt.check_free_space(out, 2 * checkpoint_bytes)
+    # Restored last: building the model drew random numbers (LoRA init) that the checkpoint's RNG state replaces.
+    state = TrainerState(0, 0, 0)
+    if resume_from:
+        state = ckpt.load_checkpoint(resume_from, partial(adapter_io.load_adapter_weights, unwrapped), optimizer,
+                                     scheduler)
+        if main:
+            print(f"resuming from {resume_from} (step {state.step} of {total_steps})", file=sys.stderr)
 
     # ---- the loop: one iteration per optimizer step
     log = MetricsLog(out / "metrics.jsonl") if main else None
-    bar = tqdm(total=total_steps, disable=not (main and sys.stderr.isatty()), desc="train", unit="step")
+    board = open_tensorboard(out / "tensorboard", state.step) if main else None  # None without the extra
+    bar = tqdm(total=total_steps, initial=state.step, disable=not (main and sys.stderr.isatty()), desc="train",
+               unit="step")
     start, total_tokens, loss, eval_loss = time.perf_counter(), 0, float("nan"), None
     slots = torch.zeros(2, dtype=torch.long)  # token positions run through the model; what padding would take
-    groups = micro_batch_groups(loader, t.grad_accum)
-    for step in range(1, total_steps + 1):
-        step_start = time.perf_counter()
-        group = next(groups)
-        # Normalise by the label tokens of the whole step on all processes: each token weighs the same.
-        label_tokens = accelerator.reduce(_count(group, "labels"), "sum").item()
-        loss_sum = torch.zeros((), device=accelerator.device)
-        for i, batch in enumerate(group):
-            sync = i == len(group) - 1  # all-reduce gradients once per step, not per micro-batch
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                batch_loss, _ = token_loss_sum(model, batch)
-                # DDP averages gradients over processes; the factor turns that average back into a sum.
-                accelerator.backward(batch_loss * accelerator.num_processes / max(label_tokens, 1))
-            loss_sum += batch_loss.detach()
-        grad_norm = accelerator.clip_grad_norm_(trainable, t.max_grad_norm or float("inf"))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    groups = micro_batch_groups(loader, t.grad_accum, state.epoch, state.consumed)
+    watchdog, last_checkpoint, stop = Watchdog(t.max_bad_steps, t.spike_factor), resume_from, False
+    with Preemption() as preemption:
+        for step in range(state.step + 1, total_steps + 1):
+            step_start = time.perf_counter()
+            group, epoch, consumed = next(groups)
+            # Normalise by the label tokens of the whole step on all processes: each token weighs the same.
+            label_tokens = accelerator.reduce(_count(group, "labels"), "sum").item()
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for i, batch in enumerate(group):
+                sync = i == len(group) - 1  # all-reduce gradients once per step, not per micro-batch
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                    batch_loss, _ = token_loss_sum(model, batch)
+                    # DDP averages gradients over processes; the factor turns that average back into a sum.
+                    accelerator.backward(batch_loss * accelerator.num_processes / max(label_tokens, 1))
+                loss_sum += batch_loss.detach()
+            grad_norm = float(accelerator.clip_grad_norm_(trainable, t.max_grad_norm or float("inf")))
+            loss = accelerator.reduce(loss_sum, "sum").item() / max(label_tokens, 1)
+            good = watchdog.step_is_good(step, loss, grad_norm, str(last_checkpoint) if last_checkpoint else None)
+            if good:  # a non-finite step changes nothing: no update, no schedule step
+                optimizer.step()
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        loss = accelerator.reduce(loss_sum, "sum").item() / max(label_tokens, 1)
-        tokens = int(accelerator.reduce(_count(group, "attention_mask"), "sum").item())
-        total_tokens += tokens
-        step_slots = accelerator.reduce(_slots(group).to(accelerator.device), "sum").cpu()
-        slots += step_slots
-        seconds = time.perf_counter() - step_start
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
-        evaluating = eval_loader is not None and (step == total_steps or (t.eval_every and step % t.eval_every == 0))
-        if evaluating:
-            eval_loss = evaluate(model, eval_loader, accelerator)
-        if log and (step % t.log_every == 0 or step == total_steps or evaluating):
-            log.write({"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                       "tokens": tokens, "slots": int(step_slots[0]), "tokens_per_s": tokens / seconds,
-                       "seconds": seconds, "peak_mem_bytes": peak_memory_bytes(accelerator.device),
-                       **({"eval_loss": eval_loss} if evaluating else {})})
+            tokens = int(accelerator.reduce(_count(group, "attention_mask"), "sum").item())
+            total_tokens += tokens
+            step_slots = accelerator.reduce(_slots(group).to(accelerator.device), "sum").cpu()
+            slots += step_slots
+            seconds = time.perf_counter() - step_start
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            evaluating = eval_loader is not None and (step == total_steps
+                                                      or bool(t.eval_every and step % t.eval_every == 0))
+            if evaluating:
+                eval_loss = evaluate(model, eval_loader, accelerator)
+            if log and good and (step % t.log_every == 0 or step == total_steps or evaluating):
+                record = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                          "tokens": tokens, "slots": int(step_slots[0]), "tokens_per_s": tokens / seconds,
+                          "seconds": seconds, "peak_mem_bytes": peak_memory_bytes(accelerator.device),
+                          **({"eval_loss": eval_loss} if evaluating else {})}
+                log.write(record)
+                if board:
+                    write_tensorboard(board, record)
+            # Read once: a signal arriving during the save stops after the next step. On the last step, just finish.
+            stop = preemption.requested and step < total_steps
+            # A skipped step is not saved: after divergence the last checkpoint must be one from before it.
+            if (good and (step == total_steps or (t.save_every and step % t.save_every == 0))) or stop:
+                last_checkpoint = save_checkpoint(recipe, TrainerState(step, epoch, consumed), write_adapter,
+                                                  optimizer, scheduler, accelerator, checkpoint_bytes)
+            if stop:
+                break
     bar.close()
     elapsed = time.perf_counter() - start
 
@@ -167,7 +209,13 @@ def train(recipe: Recipe, overwrite: bool = False) -> TrainResult:
     accelerator.wait_for_everyone()
     if main:
         log.close()
-        save_run_adapter(recipe, loaded, accelerator.unwrap_model(model), targets, candidates, adapter_dir)
+        if board:
+            board.close()
+    if stop:
+        return stopped_early(recipe, step, total_steps, last_checkpoint, accelerator, total_tokens, loss, unwrapped)
+    if main:
+        write_adapter(adapter_dir)
+        report = draw_report(out) if (out / "metrics.jsonl").stat().st_size else None  # after the adapter is safe
     if main and t.merge_after:
         from qlora_kit.merge import merge
 
@@ -178,13 +226,51 @@ def train(recipe: Recipe, overwrite: bool = False) -> TrainResult:
         print(f"padding: real tokens filled {total_tokens / max(computed, 1):.1%} of the positions computed "
               f"(data.packing: {recipe.data.packing}); padded batches of the same examples: "
               f"{total_tokens / max(padded, 1):.1%}", file=sys.stderr)
+        if report:
+            print(f"report: {report}", file=sys.stderr)
         evaluated = f", eval loss {eval_loss:.4f}" if eval_loss is not None else ""
         print(f"done: {total_steps} steps in {elapsed:.1f} s, {total_tokens / elapsed:.0f} tokens/s, final loss "
               f"{loss:.4f}{evaluated}, peak memory {human_bytes(peak)}; adapter: {adapter_dir}, metrics: "
               f"{out / 'metrics.jsonl'}", file=sys.stderr)
     accelerator.end_training()
-    return TrainResult(total_steps, elapsed, total_tokens, peak, adapter_dir, loss, accelerator.unwrap_model(model),
-                       eval_loss)
+    return TrainResult(total_steps, elapsed, total_tokens, peak, adapter_dir, loss, unwrapped, eval_loss,
+                       last_checkpoint)
+
+
+def check_resumable(recipe: Recipe, checkpoint: Path) -> None:
+    """Refuse a checkpoint trained with another model, adapter shape or quantization: its weights would not fit."""
+    saved = yaml.safe_load((checkpoint / "recipe.yaml").read_text())
+    differ = ckpt.incompatible_keys(saved, to_dict(recipe))
+    if differ:
+        flat_saved, flat_ours = ckpt.flatten(saved), ckpt.flatten(to_dict(recipe))
+        details = "; ".join(f"{k} (checkpoint {flat_saved.get(k)!r}, recipe {flat_ours.get(k)!r})" for k in differ)
+        raise UserError(f"--resume: {checkpoint} was trained with another recipe: {details}")
+
+
+def save_checkpoint(recipe: Recipe, state: TrainerState, write_adapter, optimizer, scheduler,
+                    accelerator: Accelerator, checkpoint_bytes: int) -> Path:
+    """Rank 0 writes the checkpoint (after a free-space check) and prunes old ones; every rank gets its path."""
+    out = Path(recipe.output_dir)
+    accelerator.wait_for_everyone()
+    path = ckpt.checkpoints_dir(out) / f"step-{state.step}"
+    if accelerator.is_main_process:
+        ckpt.check_free_space(ckpt.checkpoints_dir(out), checkpoint_bytes)
+        path = ckpt.save_checkpoint(out, state, write_adapter, optimizer, scheduler,
+                                    yaml.safe_dump(to_dict(recipe), sort_keys=False))
+        ckpt.prune(out, recipe.train.keep_checkpoints)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def stopped_early(recipe: Recipe, step: int, total_steps: int, checkpoint: Path, accelerator: Accelerator,
+                  tokens: int, loss: float, model: torch.nn.Module) -> TrainResult:
+    """After SIGTERM/SIGINT: say where the checkpoint is and how to continue; the caller exits 0."""
+    if accelerator.is_main_process:
+        print(f"stopped at step {step} of {total_steps}; checkpoint: {checkpoint}\nresume with: qlora-kit train "
+              f"RECIPE --resume (or --resume {checkpoint})", file=sys.stderr)
+    accelerator.end_training()
+    peak = peak_memory_bytes(accelerator.device)
+    return TrainResult(step, 0.0, tokens, peak, checkpoint / "adapter", loss, model, None, checkpoint, True)
 
 
 def save_run_adapter(recipe: Recipe, loaded: LoadedModel, model: torch.nn.Module, targets: list[str],
@@ -223,16 +309,20 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerato
     return loss_sum / max(n, 1)
 
 
-def micro_batch_groups(loader, grad_accum: int):
-    """Endless groups of `grad_accum` micro-batches; an epoch's last group may be shorter. Reshuffles per epoch."""
-    epoch = 0
+def micro_batch_groups(loader, grad_accum: int, epoch: int = 0, skip: int = 0):
+    """Endless (group, epoch, micro-batches of the epoch consumed) with groups of `grad_accum` micro-batches; an
+    epoch's last group may be shorter. The order of an epoch depends on (seed, epoch) only (`set_epoch`), so a
+    resumed run starts at `epoch`, skips the `skip` micro-batches already trained on (collated, never run through
+    the model) and sees exactly the batches the uninterrupted run saw."""
     while True:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
-        batches = iter(loader)
+        batches = islice(iter(loader), skip, None)
+        consumed = skip
         while group := list(islice(batches, grad_accum)):
-            yield group
-        epoch += 1
+            consumed += len(group)
+            yield group, epoch, consumed
+        epoch, skip = epoch + 1, 0
 
 
 def _count(group: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
@@ -246,12 +336,33 @@ def _slots(group: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     return torch.tensor([sum(b["input_ids"].numel() for b in group), sum(padded_slots(b) for b in group)])
 
 
-def prepare_output_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to train over a finished run unless asked: a user's adapter is never lost by accident."""
-    previous = [p for p in ("adapter", "metrics.jsonl") if (out / p).exists()]
+def prepare_output_dir(out: Path, overwrite: bool, resume_step: int | None = None) -> None:
+    """Refuse to train over a finished run unless asked: a user's adapter is never lost by accident.
+
+    Resuming continues the run in place: metrics.jsonl is cut back to the checkpoint's step, then appended to.
+    """
+    if resume_step is not None:
+        truncate_metrics(out / "metrics.jsonl", resume_step)
+        return
+    previous = [p for p in ("adapter", "metrics.jsonl", ckpt.CHECKPOINTS) if (out / p).exists()]
     if previous and not overwrite:
         raise UserError(f"'output_dir': {out} already holds a run ({', '.join(previous)}); choose another "
-                        "output_dir or pass --overwrite")
+                        "output_dir, pass --resume to continue it, or --overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
     if overwrite:  # the old adapter stays until the new one replaces it atomically at the end
         (out / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(ckpt.checkpoints_dir(out), ignore_errors=True)  # another run's checkpoints must not resume
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the lines logged after `step` (the steps the resumed run repeats); a torn last line goes too."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if json.loads(line)["step"] <= step and line.endswith("\n"):
+                kept.append(line)
+        except (ValueError, KeyError):
+            pass
+    path.write_text("".join(kept))
