@@ -98,16 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora-kit", description="QLoRA finetuning on a frozen 4-bit base.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train LoRA adapters from a recipe")
+    # Shared arguments: `--debug` is accepted after the command too; `model` names what generate/eval load.
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    model = argparse.ArgumentParser(add_help=False, parents=[debug])
+    model.add_argument("model", help="adapter directory, model directory, .gguf file or built-in model name")
+    train = commands.add_parser("train", parents=[debug],
+                                help="train LoRA adapters from a recipe")
     train.add_argument("recipe", help="recipe YAML file")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. train.lr=1e-4")
     train.add_argument("--overwrite", action="store_true", help="replace the run already in output_dir")
     train.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                        help="continue from the latest checkpoint in output_dir, or from PATH (a checkpoint or run)")
-    train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     train.set_defaults(func=_train)
 
-    merge = commands.add_parser("merge", help="merge an adapter into its base and export a full-precision model")
+    merge = commands.add_parser("merge", parents=[debug],
+                                help="merge an adapter into its base and export a full-precision model")
     merge.add_argument("adapter", help="adapter directory (PEFT format)")
     merge.add_argument("--out", required=True, help="output model directory")
     merge.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
@@ -117,35 +123,32 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--model", help="base model (default: the one the adapter was trained on)")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     merge.add_argument("--no-check", action="store_true", help="skip the parity check")
-    merge.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     merge.set_defaults(func=_merge)
 
-    gen = commands.add_parser("generate", help="generate text with a model or adapter (chat template applied)")
-    gen.add_argument("model", help="adapter directory, model directory, .gguf file or built-in model name")
+    gen = commands.add_parser("generate", parents=[model],
+                              help="generate text with a model or adapter (chat template applied)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     gen.set_defaults(func=_generate)
 
-    ev = commands.add_parser("eval", help="loss, perplexity and exact match of a model or adapter on a dataset")
-    ev.add_argument("model", help="adapter directory, model directory, .gguf file or built-in model name")
+    ev = commands.add_parser("eval", parents=[model],
+                             help="loss, perplexity and exact match of a model or adapter on a dataset")
     ev.add_argument("--data", required=True, help="a data file or folder in any format `train` reads")
     ev.add_argument("--seq-len", type=int, default=2048)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument("--no-generate", action="store_true", help="loss only, skip exact match")
-    ev.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     ev.set_defaults(func=_eval)
 
-    report = commands.add_parser("report", help="redraw OUTPUT_DIR/report.png from its metrics.jsonl")
+    report = commands.add_parser("report", parents=[debug],
+                                 help="redraw OUTPUT_DIR/report.png from its metrics.jsonl")
     report.add_argument("output_dir", help="a training output_dir")
-    report.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     report.set_defaults(func=_report)
 
-    demo = commands.add_parser("demo", help="finetune SmolLM2-135M-Instruct on a small task, offline, end to end")
+    demo = commands.add_parser("demo", parents=[debug],
+                               help="finetune SmolLM2-135M-Instruct on a small task, offline, end to end")
     demo.add_argument("--out", default="runs/demo", help="where the run, the export and demo_report.json go")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="demo recipe overrides")
-    demo.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     demo.set_defaults(func=_demo)
     return parser
 
