@@ -56,7 +56,7 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False) -> PreTrainedTok
 
 
 def load_quantized(path: Path, quant: QuantConfig, device: torch.device,
-                   trust_remote_code: bool = False) -> LoadedModel:
+                   trust_remote_code: bool = False, tokenizer: PreTrainedTokenizerBase | None = None) -> LoadedModel:
     """Build `path`'s model on the meta device, then stream, quantize and freeze its weights onto `device`."""
     return_large_frees_to_os()
     dtype = compute_dtype_for(quant.compute_dtype, device)
@@ -84,7 +84,7 @@ def load_quantized(path: Path, quant: QuantConfig, device: torch.device,
     _check_complete(model, path)
     model.requires_grad_(False)
     model.eval()
-    return LoadedModel(model, load_tokenizer(path, trust_remote_code), path, dtype)
+    return LoadedModel(model, tokenizer or load_tokenizer(path, trust_remote_code), path, dtype)
 
 
 def meta_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> PreTrainedModel:

@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from qlora_kit import adapter as adapter_io
 from qlora_kit import checkpoint as ckpt
@@ -58,13 +59,16 @@ class TrainResult:
     preempted: bool = False  # stopped early by SIGTERM/SIGINT, after saving `checkpoint`
 
 
-def build_model(recipe: Recipe, device: torch.device) -> tuple[LoadedModel, list[str], list[str]]:
+def build_model(recipe: Recipe, device: torch.device, model_dir: Path | None = None,
+                tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[LoadedModel, list[str], list[str]]:
     """Load the 4-bit base and wrap the targeted linears in LoRA (from `model.adapter` if set).
 
+    `model_dir` and `tokenizer`, when the caller has them, save resolving `model.path` again (hashing a GGUF
+    file, or a hub look-up) and reloading the tokenizer.
     Returns the model, the LoRA targets and all candidate linears (PEFT's `target_modules` needs both).
     """
-    loaded = load_quantized(resolve_model_path(recipe.model.path, recipe.allow_network), recipe.quant, device,
-                            recipe.model.trust_remote_code)
+    model_dir = model_dir or resolve_model_path(recipe.model.path, recipe.allow_network)
+    loaded = load_quantized(model_dir, recipe.quant, device, recipe.model.trust_remote_code, tokenizer)
     candidates = quantizable_linears(loaded.model)
     targets = select_targets(candidates, recipe.lora.target_modules)
     # LoRA weights train in bf16 on bf16 GPUs; fp16 weights are too coarse for Adam updates, so fp32 otherwise.
@@ -102,8 +106,8 @@ def train(recipe: Recipe, overwrite: bool = False, resume: str | bool | None = N
         check_resumable(recipe, resume_from)
 
     # ---- data: read, check and tokenise every row before anything is written, so bad data fails fast
-    tokenizer = load_tokenizer(resolve_model_path(recipe.model.path, recipe.allow_network),
-                               recipe.model.trust_remote_code)
+    model_dir = resolve_model_path(recipe.model.path, recipe.allow_network)
+    tokenizer = load_tokenizer(model_dir, recipe.model.trust_remote_code)
     with accelerator.main_process_first():  # the others then read rank 0's tokenisation from the cache
         train_data, eval_data = load_data(recipe.data, tokenizer, t.seq_len, recipe.seed, recipe.allow_network)
     if main:
@@ -113,7 +117,7 @@ def train(recipe: Recipe, overwrite: bool = False, resume: str | bool | None = N
         save_recipe(recipe, out / "recipe.yaml")
 
     # ---- model: 4-bit frozen base + LoRA, checkpointing
-    loaded, targets, candidates = build_model(recipe, accelerator.device)
+    loaded, targets, candidates = build_model(recipe, accelerator.device, model_dir, tokenizer)
     model = loaded.model
     if t.gradient_checkpointing:
         enable_checkpointing(model)
