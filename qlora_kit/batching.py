@@ -26,6 +26,7 @@ from datasets import Dataset
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data import Dataset as TorchDataset
 
+from qlora_kit.attention import SEGMENTS
 from qlora_kit.formats import IGNORE
 
 Example = dict[str, Any]  # input_ids, labels (lists of ints), length
@@ -98,13 +99,23 @@ def forward_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     Position ids alone do not keep examples apart reliably: transformers 5.24 derives the block mask from them
     only when the model runs without a KV cache; with `use_cache` on (e.g. a model loaded with its own config)
     the second example attends to the first (its logits moved by up to ~10 on the tiny test models). An
-    explicit (B, 1, T, T) boolean mask, which SDPA (the attention `model.py` loads) takes as it is, works
-    either way. It costs T^2 bytes per micro-batch, e.g. 64 MiB for 4 examples of 2,048 tokens.
+    explicit (B, 1, T, T) boolean mask, which SDPA takes as it is, works either way. It costs T^2 bytes per
+    micro-batch, e.g. 64 MiB for 4 examples of 2,048 tokens. The example spans let `attention.segment_sdpa` (the
+    attention `model.py` loads) skip the mask's wasted work; models that do not pass them down use the mask.
     """
     if "position_ids" not in batch:
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
-            "attention_mask": block_causal_mask(batch["position_ids"])}
+            "attention_mask": block_causal_mask(batch["position_ids"]), SEGMENTS: example_spans(batch)}
+
+
+def example_spans(batch: dict[str, torch.Tensor]) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """Per row, the (start, end) of each concatenated example: where `attention.segment_sdpa` cuts the row."""
+    spans = []
+    for positions, real in zip(batch["position_ids"].tolist(), batch["attention_mask"].sum(-1).tolist(), strict=True):
+        starts = [i for i in range(real) if positions[i] == 0]
+        spans.append(tuple(zip(starts, starts[1:] + [real], strict=True)))
+    return tuple(spans)
 
 
 def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:

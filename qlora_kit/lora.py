@@ -19,10 +19,12 @@ from __future__ import annotations
 import math
 import re
 
+import bitsandbytes as bnb
 import torch
 from torch import nn
 
 from qlora_kit.errors import UserError
+from qlora_kit.fused import LoRA4bit
 
 
 class LoRALinear(nn.Module):
@@ -47,10 +49,23 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused(x):  # same maths, less work and memory: see fused.py
+            p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
+            base = self.base_layer
+            y = LoRA4bit.apply(x.reshape(-1, self.in_features).to(base.compute_dtype), self.lora_A.weight,
+                               self.lora_B.weight, base.weight, base.weight.quant_state, base.bias, self.scale, p)
+            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         y = self.base_layer(x)
         lora_dtype = self.lora_A.weight.dtype
         update = self.lora_B(self.lora_A(self.dropout(x.to(lora_dtype))))
         return y + (update * self.scale).to(y.dtype)
+
+    def _fused(self, x: torch.Tensor) -> bool:
+        """Training over a 4-bit base whose compute dtype the LoRA weights share (the case `train` builds)."""
+        base = self.base_layer
+        return (torch.is_grad_enabled() and isinstance(base, bnb.nn.Linear4bit)
+                and base.compute_dtype == self.lora_A.weight.dtype
+                and not getattr(base.weight.quant_state, "packing_format_for_cpu", False))
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}"

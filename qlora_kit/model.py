@@ -22,9 +22,10 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from qlora_kit.attention import use_segment_attention
 from qlora_kit.config import QuantConfig
 from qlora_kit.errors import UserError
-from qlora_kit.metrics import return_large_frees_to_os
+from qlora_kit.metrics import streaming_allocations
 
 # Checkpoint entries that are derived at init time and may be absent from, or stale in, a checkpoint.
 _IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
@@ -58,9 +59,20 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False) -> PreTrainedTok
 def load_quantized(path: Path, quant: QuantConfig, device: torch.device,
                    trust_remote_code: bool = False, tokenizer: PreTrainedTokenizerBase | None = None) -> LoadedModel:
     """Build `path`'s model on the meta device, then stream, quantize and freeze its weights onto `device`."""
-    return_large_frees_to_os()
     dtype = compute_dtype_for(quant.compute_dtype, device)
     model = meta_model(path, dtype, trust_remote_code)
+    with streaming_allocations():
+        _fill_weights(model, path, quant, dtype, device)
+    _check_complete(model, path)
+    use_segment_attention(model)
+    model.requires_grad_(False)
+    model.eval()
+    return LoadedModel(model, tokenizer or load_tokenizer(path, trust_remote_code), path, dtype)
+
+
+def _fill_weights(model: PreTrainedModel, path: Path, quant: QuantConfig, dtype: torch.dtype,
+                  device: torch.device) -> None:
+    """Stream `path`'s tensors into the meta model: linears quantized to 4-bit, the rest cast to `dtype`."""
     config = model.config
     quantized = set(quantizable_linears(model))
     keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or []
@@ -81,10 +93,6 @@ def load_quantized(path: Path, quant: QuantConfig, device: torch.device,
         for key, buf in buffer_owner._buffers.items():
             if buf is not None and buf.device != device:
                 buffer_owner._buffers[key] = buf.to(device)
-    _check_complete(model, path)
-    model.requires_grad_(False)
-    model.eval()
-    return LoadedModel(model, tokenizer or load_tokenizer(path, trust_remote_code), path, dtype)
 
 
 def meta_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> PreTrainedModel:

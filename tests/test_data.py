@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from qlora_kit.attention import use_segment_attention
 from qlora_kit.batching import (
     LengthGroupedBatches,
     block_causal_mask,
@@ -377,6 +378,25 @@ def test_each_layout_gives_each_example_its_loss_alone(tiny_models, arch):
         leaky = model(input_ids=free["input_ids"], position_ids=free["position_ids"]).logits
         owner = layouts(examples, 32)[0][2]
         assert not torch.allclose(per_example_loss_sums(leaky, free, owner, len(examples)), alone, atol=1e-2)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
+def test_segment_attention_keeps_examples_apart_without_the_mask(tiny_models, arch):
+    """`segment_sdpa` attends within each example from the spans alone: with the block mask taken away, each
+    example still gets its loss alone (the control above shows that without either they see each other)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[arch], attn_implementation="sdpa").eval()
+    use_segment_attention(model)
+    examples = random_examples([6, 11, 16, 21, 26])
+    with torch.no_grad():
+        alone = torch.stack([per_example_loss_sums(model(torch.tensor([e["input_ids"]])).logits, collate([e], 0),
+                                                   torch.zeros(1, e["length"], dtype=torch.long), 1)[0]
+                             for e in examples])
+        for name, batch, owner in layouts(examples, seq_len=32)[:2]:  # the concatenated layouts
+            inputs = forward_inputs(batch)
+            del inputs["attention_mask"]
+            logits = model(**inputs).logits
+            torch.testing.assert_close(per_example_loss_sums(logits, batch, owner, len(examples)), alone,
+                                       rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_padding_free_gradients_equal_padded_gradients(tiny_llama, tmp_path):

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from qlora_kit.errors import UserError
+from qlora_kit.fused import draw_dropped, zero_dropped
 from qlora_kit.lora import LoRALinear, add_lora, is_lora, select_targets
 
 
@@ -50,6 +51,50 @@ def test_forward_and_backward_match_naive_lora(quant_type, bias, rslora):
     close(lora.lora_B.weight.grad, B.grad)
     close(x.grad, x_ref.grad)
     assert base.weight.grad is None
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])  # 0.1: geometric gaps on the CPU; 0.5: a uniform draw per entry
+def test_dropout_matches_naive_lora_with_the_same_mask(p):
+    base = quantized_linear(128, 96, bias=True)
+    lora = LoRALinear(base, r=8, alpha=16, dropout=p).train()
+    nn.init.normal_(lora.lora_B.weight)
+    x = torch.randn(3, 5, 128, requires_grad=True)
+    torch.manual_seed(7)
+    dropped = zero_dropped(torch.ones(15, 128), draw_dropped(torch.Size((15, 128)), p, x.device)) == 0
+    assert 0.25 * p < dropped.float().mean() < 2 * p
+    torch.manual_seed(7)  # the layer draws the same mask
+    y = lora(x)
+
+    W = bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state)
+    A = lora.lora_A.weight.detach().clone().requires_grad_()
+    B = lora.lora_B.weight.detach().clone().requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    kept = x_ref * ~dropped.view(3, 5, 128) / (1 - p)  # inverted dropout, as nn.Dropout
+    y_ref = x_ref @ W.T + base.bias + 2.0 * (kept @ A.T) @ B.T
+    close(y, y_ref)
+    grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    y_ref.backward(grad_out)
+    close(lora.lora_A.weight.grad, A.grad)
+    close(lora.lora_B.weight.grad, B.grad)
+    close(x.grad, x_ref.grad)
+
+
+@pytest.mark.parametrize("per_round", [None, 7])  # 7: many rounds of gaps, to test the continuation
+def test_dropout_draws_are_bernoulli(per_round):
+    """Indices sorted, unique, in range; rate p; neighbours independent (pairs dropped together at rate p^2)."""
+    p, shape = 0.05, torch.Size((400, 500))
+    torch.manual_seed(0)
+    dropped = [draw_dropped(shape, p, torch.device("cpu"), per_round) for _ in range(20)]
+    for d in dropped:
+        assert d.dtype == torch.int64 and bool((d[1:] > d[:-1]).all()) and 0 <= d[0] and d[-1] < shape.numel()
+    masks = torch.stack([torch.zeros(shape.numel(), dtype=torch.bool).index_fill_(0, d, True) for d in dropped])
+    n = masks.numel()
+    rate = masks.float().mean().item()
+    assert abs(rate - p) < 5 * math.sqrt(p * (1 - p) / n), rate
+    pairs = (masks[:, 1:] & masks[:, :-1]).float().mean().item()
+    assert abs(pairs - p * p) < 5 * math.sqrt(p * p / n), pairs
+    assert not torch.equal(masks[0], masks[1])
 
 
 def test_init_is_kaiming_A_zero_B_and_changes_nothing():

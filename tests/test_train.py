@@ -104,6 +104,21 @@ def test_training_is_deterministic(tiny_llama, memorise_data, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_checkpointing_recomputes_the_same_dropout(tiny_llama, memorise_data, tmp_path):
+    """Recomputed layers must draw the dropout masks of the first pass, or their gradients belong to another
+    forward: with checkpointing on and off, the same adapter (fp32, same ops: equal to rounding)."""
+    runs = [train(recipe_for(tiny_llama, memorise_data, tmp_path / f"ckpt-{on}", "train.max_steps=3",
+                             "lora.dropout=0.2", "train.lr=1e-2", f"train.gradient_checkpointing={on}"))
+            for on in ("true", "false")]
+    a, b = (load_file(r.adapter_dir / "adapter_model.safetensors") for r in runs)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    no_dropout = train(recipe_for(tiny_llama, memorise_data, tmp_path / "none", "train.max_steps=3",
+                                  "train.lr=1e-2"))  # the control: dropout does change the result
+    c = load_file(no_dropout.adapter_dir / "adapter_model.safetensors")
+    assert any(not torch.allclose(a[k], c[k], rtol=1e-3, atol=1e-5) for k in a)
+
+
 def test_grad_accum_equals_a_bigger_micro_batch(tiny_llama, memorise_data, tmp_path):
     """Loss is normalised by the label tokens of the whole step, so 2 x 2 == 1 x 4 (up to padding numerics)."""
     one = train(recipe_for(tiny_llama, memorise_data, tmp_path / "a", "train.max_steps=3", "train.micro_batch_size=4"))
