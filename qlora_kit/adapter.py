@@ -61,11 +61,14 @@ def adapter_config(lora: LoraConfig, target_modules: list[str], base_model: str)
     }
 
 
-def save_adapter(model: nn.Module, out_dir: Path, config: dict, extra_files: dict[str, str] | None = None) -> None:
-    """Write the adapter to `out_dir` atomically: a crash mid-save never leaves a half-written adapter there."""
+def save_adapter(model: nn.Module, out_dir: Path, config: dict, extra_files: dict[str, str] | None = None,
+                 lora_tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the adapter to `out_dir` atomically: a crash mid-save never leaves a half-written adapter there.
+    `lora_tensors`: the LoRA weights when `model` holds only a shard of them (FSDP gathers them first)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
+    lora = lora_state_dict(model) if lora_tensors is None else lora_tensors
+    tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in lora.items()}
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})

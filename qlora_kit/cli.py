@@ -17,6 +17,11 @@ def _train(args: argparse.Namespace) -> None:
         args.overrides.append(resume)
         resume = True
     recipe = load_recipe(args.recipe, args.overrides)  # before the heavy imports: recipe typos fail in 0.1 s
+    if args.dry_run:
+        from qlora_kit.plan import dry_run
+
+        print(dry_run(recipe, args.recipe, args.fsdp, args.fsdp_offload, args.device))
+        return
     import torch
 
     from qlora_kit.train import train
@@ -34,6 +39,17 @@ def out_of_memory_message(recipe) -> str:
     return (f"out of GPU memory: lower train.micro_batch_size (now {t.micro_batch_size}; raise train.grad_accum "
             f"to keep the step size) or train.seq_len (now {t.seq_len}){checkpointing}; continue from the last "
             "checkpoint with --resume")
+
+
+def _estimate(args: argparse.Namespace) -> None:
+    from qlora_kit.config import load_recipe
+    from qlora_kit.estimate import estimate, find_shape, format_estimate, local_gpu_memory, parse_bytes
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    shape = find_shape(recipe, Path(args.model_config) if args.model_config else None)
+    budget = parse_bytes(args.gpu_memory) if args.gpu_memory else local_gpu_memory()
+    est = estimate(recipe, shape, args.device, args.fsdp, args.fsdp_offload)
+    print(format_estimate(recipe, shape, est, budget))
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -110,7 +126,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace the run already in output_dir")
     train.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                        help="continue from the latest checkpoint in output_dir, or from PATH (a checkpoint or run)")
+    train.add_argument("--dry-run", action="store_true",
+                       help="check the recipe, data and model config and print the plan; load no weights")
+    train.add_argument("--fsdp", type=int, default=1, metavar="N", help=argparse.SUPPRESS)
+    train.add_argument("--fsdp-offload", action="store_true", help=argparse.SUPPRESS)
+    train.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help=argparse.SUPPRESS)
     train.set_defaults(func=_train)
+
+    est = commands.add_parser("estimate", parents=[debug],
+                              help="predict a recipe's peak memory and the largest batch that fits")
+    est.add_argument("recipe", help="recipe YAML file")
+    est.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    est.add_argument("--gpu-memory", metavar="SIZE", help="memory to fit in, e.g. 24GiB (default: this GPU's)")
+    est.add_argument("--model-config", metavar="PATH", help="the model's config.json (or its directory)")
+    est.add_argument("--fsdp", type=int, default=1, metavar="N", help="FSDP processes sharding the model")
+    est.add_argument("--fsdp-offload", action="store_true", help="FSDP keeps the shards in CPU memory")
+    est.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                     help="cuda: bf16 compute, CUDA context; cpu: fp32 compute, process memory")
+    est.set_defaults(func=_estimate)
 
     merge = commands.add_parser("merge", parents=[debug],
                                 help="merge an adapter into its base and export a full-precision model")

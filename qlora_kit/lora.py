@@ -21,6 +21,7 @@ import re
 
 import bitsandbytes as bnb
 import torch
+from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 from torch import nn
 
 from qlora_kit.errors import UserError
@@ -49,6 +50,8 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.base_layer, bnb.nn.Linear4bit):  # FSDP hands back a plain tensor: restore its state
+            fix_4bit_weight_quant_state_from_module(self.base_layer)
         if self._fused(x):  # same maths, less work and memory: see fused.py
             p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
             base = self.base_layer

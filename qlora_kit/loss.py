@@ -7,21 +7,31 @@ whatever the padding, the accumulation or the number of GPUs.
 The output head runs only where a label follows (`logits_to_keep`): prompts, padding and the last position
 never pay for the vocabulary projection. With a 49k vocabulary and short answers after long prompts, as in
 chat data, that is most of the head's cost and most of the logits' memory.
+
+When the label positions' logits would still be large (2,048 labels x a 128k vocabulary: 1 GiB in fp32, ~4 GiB
+with log-softmax and gradients), the head and the loss run in chunks of `CHUNK_BYTES` of fp32 logits, each
+recomputed in backward instead of kept: the memory of one chunk, for one more head matmul per chunk.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from qlora_kit.batching import forward_inputs
 from qlora_kit.formats import IGNORE
 
+CHUNK_BYTES = 128 * 2**20  # fp32 logits per chunk: ~0.45 GiB at the peak of its backward
 
-def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+
+def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor],
+                   chunk_bytes: int = CHUNK_BYTES) -> tuple[torch.Tensor, int]:
     """(sum of per-token losses, number of label tokens). Only label positions are upcast to fp32.
 
     Works on every `data.packing` layout: in concatenated rows each example's first label is IGNORE, so the shift
@@ -30,12 +40,47 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE
     keep = mask.any(dim=0).nonzero().squeeze(1)  # positions whose next token is a label, in any row
-    if _takes_logits_to_keep(model):
-        logits = model(**forward_inputs(batch), logits_to_keep=keep).logits  # (batch, len(keep), vocab)
-        targets, mask = targets[:, keep], mask[:, keep]
-    else:
+    n = int(mask.sum())
+    if not _takes_logits_to_keep(model):
         logits = model(**forward_inputs(batch)).logits[:, :-1]
-    return F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum"), int(mask.sum())
+        return F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum"), n
+    targets, mask = targets[:, keep], mask[:, keep]
+    inner = getattr(model, "module", model)  # DDP wraps the model
+    head = inner.get_output_embeddings()
+    chunk = max(1, chunk_bytes // (4 * head.weight.shape[0]))
+    if n <= chunk or not _plain_head(inner, head):
+        logits = model(**forward_inputs(batch), logits_to_keep=keep).logits  # (batch, len(keep), vocab)
+        return F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum"), n
+    with _head_returns_hidden(inner, head):
+        hidden = model(**forward_inputs(batch), logits_to_keep=keep).logits[mask]  # (n, hidden)
+    targets = targets[mask]
+    total = sum(checkpoint(_loss_sum, hidden[i:i + chunk], head.weight, targets[i:i + chunk], use_reentrant=False)
+                for i in range(0, n, chunk))
+    return total, n
+
+
+def _loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
+
+
+def _plain_head(model: nn.Module, head: nn.Module) -> bool:
+    """A bias-free linear head whose logits the model does not rescale or soft-cap after it."""
+    config = model.config.get_text_config()
+    return (isinstance(head, nn.Linear) and head.bias is None
+            and getattr(config, "final_logit_softcapping", None) is None
+            and getattr(config, "logit_scale", None) in (None, 1.0)
+            and getattr(config, "logits_scaling", None) in (None, 1.0))
+
+
+@contextmanager
+def _head_returns_hidden(model: nn.Module, head: nn.Module) -> Iterator[None]:
+    """The model's forward with its head replaced by the identity: `.logits` are the final hidden states."""
+    name = next(n for n, m in model.named_children() if m is head)
+    setattr(model, name, nn.Identity())
+    try:
+        yield
+    finally:
+        setattr(model, name, head)
 
 
 def _takes_logits_to_keep(model: nn.Module) -> bool:

@@ -40,27 +40,32 @@ def return_large_frees_to_os() -> None:
     fragmentation keeps freed memory resident: peak RSS then creeps up with the model's size instead of
     staying at one tensor or shard. No effect outside glibc.
     """
-    _set_mmap_threshold(1 << 20)
+    _mallopt(M_MMAP_THRESHOLD, 1 << 20)
 
 
 @contextmanager
 def streaming_allocations() -> Iterator[None]:
-    """`return_large_frees_to_os` for a streaming phase, then a 32 MiB threshold (where glibc's own adjustment
-    ends up) for what follows.
+    """`return_large_frees_to_os` for a streaming phase, then the thresholds glibc's own adjustment ends up at
+    (mmap 32 MiB, heap trimming 64 MiB) for what follows.
 
-    Training allocates the same activation sizes every step: served by fresh mmaps, each one page-faults its
-    memory in again, 4 KiB at a time (measured on the 2-core CPU: a third of a SmolLM2 training step).
+    Training allocates the same activation sizes every step: served by fresh mmaps, or from heap memory that
+    was trimmed and handed back, each one page-faults its memory in again, 4 KiB at a time (measured on the
+    2-core CPU: a third of a SmolLM2 training step).
     """
     return_large_frees_to_os()
     try:
         yield
     finally:
-        _set_mmap_threshold(32 << 20)
+        _mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        _mallopt(M_TRIM_THRESHOLD, 64 << 20)
 
 
-def _set_mmap_threshold(size: int) -> None:
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def _mallopt(option: int, value: int) -> None:
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, size)  # -3 = M_MMAP_THRESHOLD
+        ctypes.CDLL("libc.so.6").mallopt(option, value)
     except (OSError, AttributeError):
         pass
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -32,9 +32,10 @@ from qlora_kit.batching import build_loader, padded_slots
 from qlora_kit.checkpoint import TrainerState
 from qlora_kit.config import Recipe, save_recipe, to_dict
 from qlora_kit.data import load_data
+from qlora_kit.distributed import check_fsdp
 from qlora_kit.errors import UserError
 from qlora_kit.formats import IGNORE
-from qlora_kit.lora import add_lora, select_targets
+from qlora_kit.lora import add_lora, is_lora, select_targets
 from qlora_kit.loss import token_loss_sum
 from qlora_kit.metrics import MetricsLog, human_bytes, peak_memory_bytes
 from qlora_kit.model import LoadedModel, load_quantized, load_tokenizer, quantizable_linears
@@ -96,12 +97,17 @@ def check_adapter_matches(recipe: Recipe, adapter_dir: Path, candidates: list[st
 def train(recipe: Recipe, overwrite: bool = False, resume: str | bool | None = None) -> TrainResult:
     """Train; with `resume` (True: the latest checkpoint in output_dir, or a path) continue a stopped run exactly."""
     # ---- setup: process group and device, seed, the checkpoint to resume from
-    accelerator = Accelerator()
+    # cpu=True without a GPU: Accelerate then forms a gloo process group under torchrun (it would not otherwise)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
     out = Path(recipe.output_dir)
     set_seed(recipe.seed)
     t = recipe.train
     resume_from = ckpt.resolve_resume(resume, out) if resume else None
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp and (t.save_every or resume_from):  # the optimizer state is sharded: rank 0's part cannot resume a run
+        raise UserError("FSDP: checkpoints are not supported yet (train.save_every must be 0, no --resume); the "
+                        "final adapter is saved")
     if resume_from:
         check_resumable(recipe, resume_from)
 
@@ -122,6 +128,8 @@ def train(recipe: Recipe, overwrite: bool = False, resume: str | bool | None = N
     if t.gradient_checkpointing:
         enable_checkpointing(model)
     model.train()
+    if accelerator.distributed_type == DistributedType.FSDP:  # before wrapping: wrong settings train garbage
+        check_fsdp(model, recipe.quant.storage_dtype, accelerator.state.fsdp_plugin)
 
     # ---- batches, optimizer, schedule
     batches = partial(build_loader, packing=recipe.data.packing, micro_batch_size=t.micro_batch_size,
@@ -200,7 +208,8 @@ def train(recipe: Recipe, overwrite: bool = False, resume: str | bool | None = N
             # Read once: a signal arriving during the save stops after the next step. On the last step, just finish.
             stop = preemption.requested and step < total_steps
             # A skipped step is not saved: after divergence the last checkpoint must be one from before it.
-            if (good and (step == total_steps or (t.save_every and step % t.save_every == 0))) or stop:
+            if not fsdp and ((good and (step == total_steps or (t.save_every and step % t.save_every == 0)))
+                             or stop):
                 last_checkpoint = save_checkpoint(recipe, TrainerState(step, epoch, consumed), write_adapter,
                                                   optimizer, scheduler, accelerator, checkpoint_bytes)
             if stop:
@@ -217,8 +226,10 @@ def train(recipe: Recipe, overwrite: bool = False, resume: str | bool | None = N
             board.close()
     if stop:
         return stopped_early(recipe, step, total_steps, last_checkpoint, accelerator, total_tokens, loss, unwrapped)
+    # FSDP: every rank takes part in gathering the full LoRA weights; rank 0 writes them
+    tensors = {k: v for k, v in accelerator.get_state_dict(model).items() if is_lora(k)} if fsdp else None
     if main:
-        write_adapter(adapter_dir)
+        write_adapter(adapter_dir, tensors=tensors)
         report = draw_report(out) if (out / "metrics.jsonl").stat().st_size else None  # after the adapter is safe
     if main and t.merge_after:
         from qlora_kit.merge import merge
@@ -266,19 +277,22 @@ def save_checkpoint(recipe: Recipe, state: TrainerState, write_adapter, optimize
     return path
 
 
-def stopped_early(recipe: Recipe, step: int, total_steps: int, checkpoint: Path, accelerator: Accelerator,
+def stopped_early(recipe: Recipe, step: int, total_steps: int, checkpoint: Path | None, accelerator: Accelerator,
                   tokens: int, loss: float, model: torch.nn.Module) -> TrainResult:
     """After SIGTERM/SIGINT: say where the checkpoint is and how to continue; the caller exits 0."""
     if accelerator.is_main_process:
         print(f"stopped at step {step} of {total_steps}; checkpoint: {checkpoint}\nresume with: qlora-kit train "
-              f"RECIPE --resume (or --resume {checkpoint})", file=sys.stderr)
+              f"RECIPE --resume (or --resume {checkpoint})" if checkpoint else
+              f"stopped at step {step} of {total_steps}; nothing saved (FSDP runs do not checkpoint yet)",
+              file=sys.stderr)
     accelerator.end_training()
     peak = peak_memory_bytes(accelerator.device)
-    return TrainResult(step, 0.0, tokens, peak, checkpoint / "adapter", loss, model, None, checkpoint, True)
+    adapter = checkpoint / "adapter" if checkpoint else None
+    return TrainResult(step, 0.0, tokens, peak, adapter, loss, model, None, checkpoint, True)
 
 
 def save_run_adapter(recipe: Recipe, loaded: LoadedModel, model: torch.nn.Module, targets: list[str],
-                     candidates: list[str], adapter_dir: Path) -> None:
+                     candidates: list[str], adapter_dir: Path, tensors: dict[str, torch.Tensor] | None = None) -> None:
     """PEFT's two files, plus the recipe and how the base was quantized (so a merge can reproduce it)."""
     base = str(loaded.path.resolve())
     config = adapter_io.adapter_config(recipe.lora, adapter_io.peft_target_modules(targets, candidates), base)
@@ -287,7 +301,7 @@ def save_run_adapter(recipe: Recipe, loaded: LoadedModel, model: torch.nn.Module
                 "compute_dtype": str(loaded.compute_dtype).removeprefix("torch."), "quant_device": device.type}
     adapter_io.save_adapter(model, adapter_dir, config,
                             {"recipe.yaml": yaml.safe_dump(to_dict(recipe), sort_keys=False),
-                             adapter_io.METADATA_NAME: json.dumps(metadata, indent=2) + "\n"})
+                             adapter_io.METADATA_NAME: json.dumps(metadata, indent=2) + "\n"}, tensors)
 
 
 def enable_checkpointing(model: torch.nn.Module) -> None:

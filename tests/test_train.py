@@ -119,6 +119,33 @@ def test_checkpointing_recomputes_the_same_dropout(tiny_llama, memorise_data, tm
     assert any(not torch.allclose(a[k], c[k], rtol=1e-3, atol=1e-5) for k in a)
 
 
+def test_chunked_loss_equals_the_one_pass_loss(tiny_llama, tmp_path):
+    """Head + loss in chunks (recomputed in backward) give the loss and LoRA gradients of one pass."""
+    from qlora_kit.batching import collate_padding_free
+
+    model = build_model(recipe_for(tiny_llama, "unused.jsonl", tmp_path), torch.device("cpu"))[0].model.train()
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)  # B is zero at init: make every LoRA gradient non-trivial
+    gen = torch.Generator().manual_seed(0)
+    examples = [{"input_ids": ids, "labels": ids, "length": len(ids)}
+                for ids in (torch.randint(3, 200, (n,), generator=gen).tolist() for n in (17, 9, 30))]
+    batch = collate_padding_free(examples)
+    head_calls = []
+    model.get_output_embeddings().register_forward_hook(lambda *_: head_calls.append(1))
+    results = []
+    vocab = model.get_output_embeddings().weight.shape[0]
+    for chunk_bytes in (2**40, 4 * vocab * 7):  # one pass; 7 label positions per chunk
+        loss, n = token_loss_sum(model, batch, chunk_bytes=chunk_bytes)
+        (loss / n).backward()
+        results.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}))
+        model.zero_grad(set_to_none=True)
+    assert len(head_calls) == 1  # the chunked pass used the head's weight, not its one-pass forward
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=0)
+    for k, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][k], grad, rtol=1e-4, atol=1e-6, msg=k)
+
+
 def test_grad_accum_equals_a_bigger_micro_batch(tiny_llama, memorise_data, tmp_path):
     """Loss is normalised by the label tokens of the whole step, so 2 x 2 == 1 x 4 (up to padding numerics)."""
     one = train(recipe_for(tiny_llama, memorise_data, tmp_path / "a", "train.max_steps=3", "train.micro_batch_size=4"))

@@ -1,0 +1,278 @@
+"""Peak training memory, predicted from the model's shape and the recipe, without loading a weight.
+
+    total = 4-bit weights + unquantized embeddings/head/norms + LoRA weights + their gradients + optimizer states
+          + activations (checkpointed layer inputs, one layer's working set) + logits and loss buffers
+          + runtime (CUDA context and allocator slack on a GPU; the Python process itself on the CPU)
+
+Sizes follow what `train` builds: 4-bit codes plus their scales (4.127 bits per weight with double quantization,
+4.5 without), embeddings and head in the compute dtype (bf16 on GPUs, fp32 on CPUs), LoRA weights and gradients
+in bf16 on bf16 GPUs and fp32 elsewhere, Adam's two states in fp32 (8-bit: one byte each). The activation and
+logit terms count the tensors our layers save (the LoRA function, SDPA, the model's norms and MLP) per token;
+the logits assume every position is a label (text data), the worst case, up to the loss's chunk size.
+Validated against measured peaks: see the README's memory table (`tools/estimate_check.py`).
+
+With FSDP over N processes, weights, LoRA, gradients and optimizer states are divided by N (one layer at a time
+is gathered whole); activations are not.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qlora_kit.config import Recipe
+from qlora_kit.errors import UserError
+
+SHAPES = Path(__file__).parent / "shapes"
+CUDA_CONTEXT = 600 * 2**20  # CUDA context + cuBLAS workspace: not in max_memory_allocated, but on the card
+ALLOCATOR_SLACK = 0.05  # the caching allocator's fragmentation, as a share of everything allocated
+CPU_PROCESS = 420 * 2**20  # python + torch + transformers + bitsandbytes + datasets, measured resident (2-core CPU)
+
+
+@dataclass
+class Shape:
+    """The fields of a decoder-only config.json that memory depends on."""
+
+    name: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    attention_bias: bool = False
+
+    def layer_linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each 4-bit linear of one decoder layer, by the leaf name LoRA targets use."""
+        h, i, q, kv = self.hidden_size, self.intermediate_size, self.num_heads * self.head_dim, \
+            self.num_kv_heads * self.head_dim
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def quantized_params(self) -> int:
+        return self.num_layers * sum(a * b for a, b in self.layer_linears().values())
+
+    @property
+    def dense_params(self) -> int:
+        """Embeddings, head (unless tied), norms and biases: kept in the compute dtype."""
+        head = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        biases = self.num_layers * (q + 2 * kv) if self.attention_bias else 0
+        return self.vocab_size * self.hidden_size + head + (2 * self.num_layers + 1) * self.hidden_size + biases
+
+
+def shape_from_config(config: dict, name: str) -> Shape:
+    """A `Shape` from a config.json's fields (multimodal configs: their text part)."""
+    c = config.get("text_config", config)
+    try:
+        heads = c["num_attention_heads"]
+        return Shape(name=name, vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
+                     intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"], num_heads=heads,
+                     num_kv_heads=c.get("num_key_value_heads") or heads,
+                     head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+                     tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+                     max_position_embeddings=c.get("max_position_embeddings", 4096),
+                     attention_bias=bool(c.get("attention_bias", c.get("model_type") == "qwen2")))
+    except KeyError as e:
+        raise UserError(f"{name}: config.json has no {e.args[0]}; the estimate needs a decoder-only LLM's config"
+                        ) from None
+
+
+def find_shape(recipe: Recipe, model_config: Path | None = None) -> Shape:
+    """The model's shape from `model_config`, a local model directory, a built-in model, or a shipped config."""
+    from qlora_kit.zoo import SMOLLM2, TINY_RANDOM, resolve_model_path
+
+    if model_config is not None:
+        path = model_config / "config.json" if model_config.is_dir() else model_config
+        if not path.is_file():
+            raise UserError(f"--model-config: {path} not found")
+        return shape_from_config(json.loads(path.read_text()), str(path))
+    name = recipe.model.path
+    local = Path(name).expanduser()
+    if (local / "config.json").is_file():
+        return shape_from_config(json.loads((local / "config.json").read_text()), name)
+    if name == TINY_RANDOM:  # built offline in a second
+        return shape_from_config(json.loads((resolve_model_path(name) / "config.json").read_text()), name)
+    wanted = "smollm2-135m" if name == SMOLLM2 or local.suffix == ".gguf" and "smollm2" in name.lower() else name
+    for file in sorted(SHAPES.glob("*.json")):
+        known = json.loads(file.read_text())
+        if wanted.lower() in [h.lower() for h in known["hub_ids"]] + [file.stem]:
+            return shape_from_config(known["config"], f"{name} (shipped shape {file.stem})")
+    raise UserError(f"'model.path': no config.json for {name} here and no shipped shape for it; pass "
+                    "--model-config PATH (a config.json or the model's directory)")
+
+
+@dataclass
+class Estimate:
+    parts: dict[str, int]  # name -> bytes, in the order printed
+    device: str  # "cuda" or "cpu"
+    shards: int = 1
+    notes: list[str] = field(default_factory=list)
+    offload: bool = False
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+
+def estimate(recipe: Recipe, shape: Shape, device: str = "cuda", shards: int = 1, offload: bool = False) -> Estimate:
+    """Predicted peak memory per process of `recipe` on `shape`; `shards`: FSDP processes sharding the model;
+    `offload`: FSDP keeps the shards (weights, LoRA, gradients, optimizer states) in CPU memory."""
+    t, lora, q = recipe.train, recipe.lora, recipe.quant
+    # 4 bits a weight, an 8-bit absmax a block of 64 and (double quantization) an fp32 scale per 256 blocks:
+    # 4 + 8/64 + 32/(64*256) = 4.127 bits; without double quantization an fp32 absmax a block: 4.5 bits.
+    quant_bits = 4 + 8 / q.blocksize + 32 / (q.blocksize * 256) if q.double_quant else 4 + 32 / q.blocksize
+    cb = _compute_bytes(q.compute_dtype, device)
+    lora_bytes = 2 if cb == 2 and q.compute_dtype != "float16" else 4  # as `train.build_model` chooses
+    lora_params = lora_parameter_count(shape, lora.r, lora.target_modules)
+    state_bytes = {"paged_adamw_32bit": 8, "paged_adamw_8bit": 2, "adamw": 2 * lora_bytes}[recipe.optim.name]
+    tokens = t.micro_batch_size * t.seq_len
+    layer = per_token_layer_bytes(shape, cb, lora.dropout > 0)
+    h = shape.hidden_size
+    parts = {
+        "4-bit weights": int(shape.quantized_params * quant_bits / 8) // shards,
+        "embeddings, head, norms": shape.dense_params * cb // shards,
+        "LoRA weights": lora_params * lora_bytes // shards,
+        "LoRA gradients": lora_params * lora_bytes // shards,
+        "optimizer states": lora_params * state_bytes // shards,
+        "activations": (shape.num_layers * tokens * h * cb + tokens * layer) if t.gradient_checkpointing
+        else shape.num_layers * tokens * (layer + h * cb),
+        "logits and loss": logit_tokens(tokens, shape.vocab_size) * shape.vocab_size * (2 * cb + 12),
+    }
+    if shards > 1:  # FSDP gathers one layer's 4-bit weights at a time, and prefetches the next
+        parts["gathered layers"] = 2 * int(shape.quantized_params / shape.num_layers * quant_bits / 8)
+    if offload:  # the shards live in CPU memory; the GPU holds what is gathered, the head the largest of it
+        host = sum(parts.pop(k) for k in ("4-bit weights", "embeddings, head, norms", "LoRA weights",
+                                          "LoRA gradients", "optimizer states"))
+        parts = {"gathered embeddings or head": shape.vocab_size * shape.hidden_size * cb, **parts}
+    if device == "cuda":
+        parts["allocator slack"] = int(ALLOCATOR_SLACK * sum(parts.values()))
+        parts["CUDA context"] = CUDA_CONTEXT
+    else:
+        parts["Python process"] = CPU_PROCESS
+    notes = ["logits: every position a label (text data), at most one loss chunk at a time"]
+    if offload:
+        notes.append(f"CPU memory for the offloaded shards: {gib(host)} per process")
+    return Estimate(parts, device, shards, notes, offload)
+
+
+def logit_tokens(label_tokens: int, vocab_size: int) -> int:
+    """Label positions whose logits exist at once: all of them, or one chunk of `loss.CHUNK_BYTES`."""
+    from qlora_kit.loss import CHUNK_BYTES
+
+    chunk = max(1, CHUNK_BYTES // (4 * vocab_size))
+    return label_tokens if label_tokens <= chunk else chunk
+
+
+def per_token_layer_bytes(shape: Shape, cb: int, dropout: bool) -> int:
+    """Bytes one token keeps alive in the decoder layer being recomputed and backpropagated.
+
+    Saved by autograd: the two RMSNorms (fp32 input and normalised copy, and their output), the q/k/v
+    projections and their rotary outputs, SDPA's output and its contiguous copy, the MLP's gate, up, SiLU and
+    product; with dropout, each LoRA function's dropped-out input. Plus the gradients flowing through the layer.
+    """
+    h, i = shape.hidden_size, shape.intermediate_size
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    norms = 2 * (8 + cb) * h
+    saved = cb * (2 * q + 2 * kv + kv + 2 * q + 4 * i + h)
+    dropped = cb * (3 * h + q + 2 * h + i) if dropout else 0
+    grads = cb * (2 * h + 2 * i)
+    return norms + saved + dropped + grads
+
+
+def lora_parameter_count(shape: Shape, r: int, target_modules: str | list[str]) -> int:
+    linears = shape.layer_linears()
+    if target_modules == "all-linear":
+        chosen = list(linears)
+    else:
+        chosen = [n for n in linears if any(t == n or t.endswith("." + n) or _matches(t, n) for t in target_modules)]
+    return shape.num_layers * sum(r * (linears[n][0] + linears[n][1]) for n in chosen)
+
+
+def _matches(pattern: str, leaf: str) -> bool:
+    try:  # a regex against a full name such as model.layers.0.self_attn.q_proj
+        return re.fullmatch(pattern, f"model.layers.0.x.{leaf}") is not None or re.search(pattern, leaf) is not None
+    except re.error:
+        return False
+
+
+def _compute_bytes(compute_dtype: str, device: str) -> int:
+    if compute_dtype == "auto":
+        return 2 if device == "cuda" else 4
+    return 4 if compute_dtype == "float32" else 2
+
+
+def largest_fitting(recipe: Recipe, shape: Shape, budget: int, device: str = "cuda", shards: int = 1,
+                    offload: bool = False) -> tuple[int, int]:
+    """(largest micro_batch_size at the recipe's seq_len, largest seq_len at its micro_batch_size) within
+    `budget`; 0 where even 1 does not fit. seq_len steps by 256 up to the model's context."""
+    def fits(mb: int, seq: int) -> bool:
+        trial = _with_batch(recipe, mb, seq)
+        return estimate(trial, shape, device, shards, offload).total <= budget
+
+    mb = 0
+    while mb < 4096 and fits(mb + 1, recipe.train.seq_len):
+        mb += 1
+    seq = 0
+    step = 256 if shape.max_position_embeddings >= 512 else 1
+    while seq + step <= shape.max_position_embeddings and fits(recipe.train.micro_batch_size, seq + step):
+        seq += step
+    return mb, seq
+
+
+def _with_batch(recipe: Recipe, micro_batch_size: int, seq_len: int) -> Recipe:
+    from dataclasses import replace
+
+    return replace(recipe, train=replace(recipe.train, micro_batch_size=micro_batch_size, seq_len=seq_len))
+
+
+UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+         "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'24GiB', '24 GB', '80g' -> bytes. GB is 10^9 (what GPU boxes print), GiB 2^30."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in UNITS:
+        raise UserError(f"--gpu-memory: {text!r} is not a size such as 24GiB or 80GB")
+    return int(float(m.group(1)) * UNITS[m.group(2).lower()])
+
+
+def local_gpu_memory() -> int | None:
+    """This machine's first GPU's memory, if it has one (the default budget)."""
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def format_estimate(recipe: Recipe, shape: Shape, est: Estimate, budget: int | None) -> str:
+    t = recipe.train
+    where = f"per GPU, FSDP over {est.shards}" if est.shards > 1 else ("GPU" if est.device == "cuda" else "CPU")
+    where += ", shards offloaded to CPU" if est.offload else ""
+    lines = [f"model {shape.name}: {shape.num_layers} layers, hidden {shape.hidden_size}, "
+             f"{(shape.quantized_params + shape.dense_params) / 1e9:.2f} B parameters "
+             f"({shape.quantized_params / 1e9:.2f} B in 4-bit)",
+             f"run: micro_batch_size {t.micro_batch_size} x seq_len {t.seq_len}, LoRA r {recipe.lora.r} "
+             f"({lora_parameter_count(shape, recipe.lora.r, recipe.lora.target_modules) / 1e6:.1f} M parameters), "
+             f"{recipe.optim.name}, checkpointing {'on' if t.gradient_checkpointing else 'off'}",
+             f"estimated peak memory ({where}):"]
+    lines += [f"  {name:<26}{gib(size):>12}" for name, size in est.parts.items()]
+    lines.append(f"  {'total':<26}{gib(est.total):>12}")
+    lines += [f"  note: {n}" for n in est.notes]
+    if budget is not None:
+        verdict = "fits" if est.total <= budget else "does NOT fit"
+        mb, seq = largest_fitting(recipe, shape, budget, est.device, est.shards, est.offload)
+        lines.append(f"{verdict} in {gib(budget)} ({est.total / budget:.0%} of it); largest that fit: "
+                     f"train.micro_batch_size={mb} (at seq_len {t.seq_len}), train.seq_len={seq} "
+                     f"(at micro_batch_size {t.micro_batch_size})")
+    return "\n".join(lines)

@@ -1,0 +1,117 @@
+"""The memory estimator and `train --dry-run`: counts checked against transformers and bitsandbytes."""
+
+import json
+from pathlib import Path
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from accelerate import init_empty_weights
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from qlora_kit.cli import main
+from qlora_kit.config import load_recipe
+from qlora_kit.estimate import (
+    SHAPES,
+    estimate,
+    find_shape,
+    largest_fitting,
+    lora_parameter_count,
+    parse_bytes,
+    shape_from_config,
+)
+
+RECIPES = sorted(Path(__file__).parent.parent.glob("recipes/*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_dry_runs(recipe, capsys, monkeypatch):
+    monkeypatch.chdir(recipe.parent.parent)  # recipes name their data relative to the repository
+    assert main(["train", str(recipe.relative_to(recipe.parent.parent)), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "valid" in out and "total" in out and "4-bit weights" in out
+
+
+def test_dry_run_fails_like_the_run_would(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  path: smollm2-135m\ndata:\n  path: missing.jsonl\n")
+    assert main(["train", str(recipe), "--dry-run"]) == 2
+    assert "'data.path': not found: missing.jsonl" in capsys.readouterr().err
+
+
+def test_estimate_70b_on_48gb_prints_a_breakdown(capsys):
+    root = Path(__file__).parent.parent
+    assert main(["estimate", str(root / "recipes/llama-3.1-70b-48gb.yaml"), "--gpu-memory", "48GiB"]) == 0
+    out = capsys.readouterr().out
+    for part in ("4-bit weights", "embeddings, head, norms", "LoRA weights", "LoRA gradients", "optimizer states",
+                 "activations", "logits and loss", "CUDA context", "total"):
+        assert part in out, part
+    assert "fits in 48.00 GiB" in out and "largest that fit: train.micro_batch_size=" in out
+
+
+@pytest.mark.parametrize("file", sorted(SHAPES.glob("*.json")), ids=lambda p: p.stem)
+def test_shipped_shapes_count_what_transformers_builds(file):
+    """Parameter counts of each shipped shape equal those of the model transformers builds from it (on meta)."""
+    config = json.loads(file.read_text())["config"]
+    shape = shape_from_config(config, file.stem)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+    model.tie_weights()  # as loading does; parameters() then counts a tied head once
+    linear = sum(m.weight.numel() for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and ".layers." in n)
+    total = sum(p.numel() for p in model.parameters())
+    assert shape.quantized_params == linear
+    assert shape.quantized_params + shape.dense_params == total
+
+
+def test_four_bit_bytes_match_bitsandbytes():
+    """4.127 bits a weight with double quantization, 4.5 without: the bytes bitsandbytes actually keeps."""
+    weight = torch.randn(1024, 4096)
+    recipe = load_recipe(None, [])
+    for double in (True, False):
+        p = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=double,
+                              blocksize=64).to("cpu")
+        state = p.quant_state
+        actual = p.data.numel() * p.data.element_size() + state.absmax.numel() * state.absmax.element_size()
+        if double:
+            actual += state.state2.absmax.numel() * state.state2.absmax.element_size()
+        shape = shape_from_config({"vocab_size": 1, "hidden_size": 1024, "intermediate_size": 0,
+                                   "num_hidden_layers": 1, "num_attention_heads": 1, "head_dim": 1024}, "one")
+        recipe.quant.double_quant = double
+        # q, k, v, o of this shape: four 1024 x 1024 linears = the weight's 4M parameters
+        predicted = estimate(recipe, shape).parts["4-bit weights"]
+        assert abs(predicted - actual) <= 0.001 * actual, (double, predicted, actual)
+
+
+def test_lora_parameter_count_matches_our_layers(tiny_llama):
+    from qlora_kit.train import build_model
+
+    for targets in ("all-linear", ["q_proj", "v_proj"]):
+        overrides = [f"model.path={tiny_llama}", "lora.r=4"]
+        if targets != "all-linear":
+            overrides.append(f"lora.target_modules={json.dumps(targets)}")
+        recipe = load_recipe(None, overrides)
+        model = build_model(recipe, torch.device("cpu"))[0].model
+        built = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert lora_parameter_count(find_shape(recipe), 4, recipe.lora.target_modules) == built
+
+
+def test_largest_fitting_is_the_boundary():
+    recipe = load_recipe(None, ["model.path=meta-llama/Llama-3.1-8B", "train.seq_len=2048"])
+    shape = find_shape(recipe)
+    budget = parse_bytes("24GiB")
+    mb, seq = largest_fitting(recipe, shape, budget)
+
+    def total(micro_batch_size, seq_len):
+        trial = load_recipe(None, [f"train.micro_batch_size={micro_batch_size}", f"train.seq_len={seq_len}"])
+        return estimate(trial, shape).total
+
+    assert mb >= 1 and total(mb, 2048) <= budget < total(mb + 1, 2048)
+    assert total(recipe.train.micro_batch_size, seq) <= budget < total(recipe.train.micro_batch_size, seq + 256)
+
+
+def test_parse_bytes():
+    assert parse_bytes("24GiB") == 24 * 2**30 and parse_bytes("80 GB") == 80 * 10**9
+    assert parse_bytes("1.5g") == 1_500_000_000
+    with pytest.raises(Exception, match="--gpu-memory"):
+        parse_bytes("lots")
