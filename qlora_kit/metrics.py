@@ -45,18 +45,19 @@ def return_large_frees_to_os() -> None:
 
 @contextmanager
 def streaming_allocations() -> Iterator[None]:
-    """`return_large_frees_to_os` for a streaming phase, then the thresholds glibc's own adjustment ends up at
-    (mmap 32 MiB, heap trimming 64 MiB) for what follows.
+    """`return_large_frees_to_os` for a streaming phase, then mmap from 4 MiB and heap trimming from 64 MiB.
 
     Training allocates the same activation sizes every step: served by fresh mmaps, or from heap memory that
     was trimmed and handed back, each one page-faults its memory in again, 4 KiB at a time (measured on the
-    2-core CPU: a third of a SmolLM2 training step).
+    2-core CPU: a third of a SmolLM2 training step at the 1 MiB threshold). glibc's own adjustment would end at
+    32 MiB, where heap fragmentation kept ~1 GB more resident (SmolLM2, 4 x 512 tokens); at 4 MiB the
+    activations of common batch sizes still come from the heap.
     """
     return_large_frees_to_os()
     try:
         yield
     finally:
-        _mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        _mallopt(M_MMAP_THRESHOLD, 4 << 20)
         _mallopt(M_TRIM_THRESHOLD, 64 << 20)
 
 
