@@ -102,6 +102,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     # Recompute activations in the backward pass: ~30% slower, activation memory from O(layers) to O(1).
     gradient_checkpointing: bool = True
+    # Keep the decoder layers' 4-bit weights in CPU memory and copy each layer to the GPU as it runs (prefetched
+    # on a side stream): GPU memory for weights drops to ~2 layers, for copy time. Needs gradient checkpointing.
+    offload_base: bool = False
     # Log every N optimizer steps to metrics.jsonl.
     log_every: int = 1
     # Evaluation loss every N optimizer steps (0 = only at the end); needs data.eval_path or data.eval_fraction.
@@ -376,6 +379,8 @@ def validate(recipe: Recipe, where: dict[str, str] | None = None) -> None:
     check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
     check(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
     check(t.log_every > 0, "train.log_every", "must be positive")
+    check(not t.offload_base or t.gradient_checkpointing, "train.offload_base",
+          "needs train.gradient_checkpointing: true (without it every layer's weights are kept for backward)")
     check(t.merge_dtype in ("float16", "bfloat16", "float32"), "train.merge_dtype",
           f"must be float16, bfloat16 or float32, got {t.merge_dtype!r}")
     check(t.save_every >= 0, "train.save_every", f"must be >= 0 (0 = only at the end), got {t.save_every}")

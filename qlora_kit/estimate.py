@@ -145,6 +145,9 @@ def estimate(recipe: Recipe, shape: Shape, device: str = "cuda", shards: int = 1
         else shape.num_layers * tokens * (layer + h * cb),
         "logits and loss": logit_tokens(tokens, shape.vocab_size) * shape.vocab_size * (2 * cb + 12),
     }
+    if t.offload_base:  # train.offload_base: the layer being computed and the one being copied
+        host_weights = parts["4-bit weights"]
+        parts["4-bit weights"] = 2 * int(shape.quantized_params / shape.num_layers * quant_bits / 8)
     if shards > 1:  # FSDP gathers one layer's 4-bit weights at a time, and prefetches the next
         parts["gathered layers"] = 2 * int(shape.quantized_params / shape.num_layers * quant_bits / 8)
     if offload:  # the shards live in CPU memory; the GPU holds what is gathered, the head the largest of it
@@ -159,6 +162,9 @@ def estimate(recipe: Recipe, shape: Shape, device: str = "cuda", shards: int = 1
     notes = ["logits: every position a label (text data), at most one loss chunk at a time"]
     if offload:
         notes.append(f"CPU memory for the offloaded shards: {gib(host)} per process")
+    if t.offload_base:
+        notes.append(f"train.offload_base: {gib(host_weights)} of 4-bit weights in (pinned) CPU memory; the GPU "
+                     "holds 2 layers")
     return Estimate(parts, device, shards, notes, offload)
 
 

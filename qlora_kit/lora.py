@@ -56,7 +56,7 @@ class LoRALinear(nn.Module):
             p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
             base = self.base_layer
             y = LoRA4bit.apply(x.reshape(-1, self.in_features).to(base.compute_dtype), self.lora_A.weight,
-                               self.lora_B.weight, base.weight, base.weight.quant_state, base.bias, self.scale, p)
+                               self.lora_B.weight, base.weight.data, base.weight.quant_state, base.bias, self.scale, p)
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         y = self.base_layer(x)
         lora_dtype = self.lora_A.weight.dtype

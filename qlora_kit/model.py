@@ -26,6 +26,7 @@ from qlora_kit.attention import use_segment_attention
 from qlora_kit.config import QuantConfig
 from qlora_kit.errors import UserError
 from qlora_kit.metrics import streaming_allocations
+from qlora_kit.offload import quant_state_to
 
 # Checkpoint entries that are derived at init time and may be absent from, or stale in, a checkpoint.
 _IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
@@ -56,13 +57,14 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False) -> PreTrainedTok
     return tokenizer
 
 
-def load_quantized(path: Path, quant: QuantConfig, device: torch.device,
-                   trust_remote_code: bool = False, tokenizer: PreTrainedTokenizerBase | None = None) -> LoadedModel:
-    """Build `path`'s model on the meta device, then stream, quantize and freeze its weights onto `device`."""
+def load_quantized(path: Path, quant: QuantConfig, device: torch.device, trust_remote_code: bool = False,
+                   tokenizer: PreTrainedTokenizerBase | None = None, park: bool = False) -> LoadedModel:
+    """Build `path`'s model on the meta device, then stream, quantize and freeze its weights onto `device`.
+    `park`: move each 4-bit weight to CPU memory as soon as it is quantized (for `train.offload_base`)."""
     dtype = compute_dtype_for(quant.compute_dtype, device)
     model = meta_model(path, dtype, trust_remote_code)
     with streaming_allocations():
-        _fill_weights(model, path, quant, dtype, device)
+        _fill_weights(model, path, quant, dtype, device, park)
     _check_complete(model, path)
     use_segment_attention(model)
     model.requires_grad_(False)
@@ -71,7 +73,7 @@ def load_quantized(path: Path, quant: QuantConfig, device: torch.device,
 
 
 def _fill_weights(model: PreTrainedModel, path: Path, quant: QuantConfig, dtype: torch.dtype,
-                  device: torch.device) -> None:
+                  device: torch.device, park: bool = False) -> None:
     """Stream `path`'s tensors into the meta model: linears quantized to 4-bit, the rest cast to `dtype`."""
     config = model.config
     quantized = set(quantizable_linears(model))
@@ -82,6 +84,9 @@ def _fill_weights(model: PreTrainedModel, path: Path, quant: QuantConfig, dtype:
         module_name, _, param = name.rpartition(".")
         if module_name in quantized and param == "weight":
             _swap_in_4bit(model, module_name, tensor.to(dtype), quant, dtype, device)
+            if park and device.type != "cpu":
+                weight = model.get_submodule(module_name).weight
+                weight.data, weight.quant_state = weight.data.to("cpu"), quant_state_to(weight.quant_state, "cpu")
         else:
             target = torch.float32 if any(k in name for k in keep_fp32) else dtype
             target = target if tensor.is_floating_point() else tensor.dtype

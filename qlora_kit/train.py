@@ -39,6 +39,7 @@ from qlora_kit.lora import add_lora, is_lora, select_targets
 from qlora_kit.loss import token_loss_sum
 from qlora_kit.metrics import MetricsLog, human_bytes, peak_memory_bytes
 from qlora_kit.model import LoadedModel, load_quantized, load_tokenizer, quantizable_linears
+from qlora_kit.offload import OffloadedLayers, decoder_layers
 from qlora_kit.optim import build_optimizer, build_scheduler
 from qlora_kit.preemption import Preemption
 from qlora_kit.report import draw_report, open_tensorboard, write_tensorboard
@@ -69,7 +70,8 @@ def build_model(recipe: Recipe, device: torch.device, model_dir: Path | None = N
     Returns the model, the LoRA targets and all candidate linears (PEFT's `target_modules` needs both).
     """
     model_dir = model_dir or resolve_model_path(recipe.model.path, recipe.allow_network)
-    loaded = load_quantized(model_dir, recipe.quant, device, recipe.model.trust_remote_code, tokenizer)
+    loaded = load_quantized(model_dir, recipe.quant, device, recipe.model.trust_remote_code, tokenizer,
+                            park=recipe.train.offload_base)
     candidates = quantizable_linears(loaded.model)
     targets = select_targets(candidates, recipe.lora.target_modules)
     # LoRA weights train in bf16 on bf16 GPUs; fp16 weights are too coarse for Adam updates, so fp32 otherwise.
@@ -79,6 +81,8 @@ def build_model(recipe: Recipe, device: torch.device, model_dir: Path | None = N
     if recipe.model.adapter:
         check_adapter_matches(recipe, Path(recipe.model.adapter), candidates, targets)
         adapter_io.load_adapter_weights(loaded.model, Path(recipe.model.adapter))
+    if recipe.train.offload_base:  # from here on, each layer's 4-bit weights visit `device` only while it runs
+        OffloadedLayers(decoder_layers(loaded.model), device)
     return loaded, targets, candidates
 
 

@@ -28,21 +28,16 @@ def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
-@pytest.mark.parametrize("quant_type, bias, rslora", [("nf4", False, False), ("fp4", True, True)])
-def test_forward_and_backward_match_naive_lora(quant_type, bias, rslora):
-    base = quantized_linear(128, 96, bias, quant_type)
-    lora = LoRALinear(base, r=8, alpha=16, dropout=0.0, use_rslora=rslora)
-    nn.init.normal_(lora.lora_B.weight)  # B starts at zero; make the update non-trivial
-    x = torch.randn(3, 5, 128, requires_grad=True)
-
-    W = bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state)  # bitsandbytes' own dequantization
+def check_against_naive(lora: LoRALinear, x: torch.Tensor, y: torch.Tensor, kept=None, keep_scale=1.0) -> None:
+    """`y = lora(x)` against x W^T + b + scale * (kept(x) A^T) B^T in plain torch over bitsandbytes' own
+    dequantized W: outputs and the gradients of A, B and x."""
+    base = lora.base_layer
+    W = bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state)
     A = lora.lora_A.weight.detach().clone().requires_grad_()
     B = lora.lora_B.weight.detach().clone().requires_grad_()
     x_ref = x.detach().clone().requires_grad_()
-    scale = 16 / math.sqrt(8) if rslora else 16 / 8
-    y_ref = x_ref @ W.T + (base.bias if bias else 0) + scale * (x_ref @ A.T) @ B.T
-
-    y = lora(x)
+    x_in = x_ref if kept is None else x_ref * kept * keep_scale
+    y_ref = x_ref @ W.T + (base.bias if base.bias is not None else 0) + lora.scale * (x_in @ A.T) @ B.T
     close(y, y_ref)
     grad_out = torch.randn_like(y)
     y.backward(grad_out)
@@ -51,6 +46,16 @@ def test_forward_and_backward_match_naive_lora(quant_type, bias, rslora):
     close(lora.lora_B.weight.grad, B.grad)
     close(x.grad, x_ref.grad)
     assert base.weight.grad is None
+
+
+@pytest.mark.parametrize("quant_type, bias, rslora", [("nf4", False, False), ("fp4", True, True)])
+def test_forward_and_backward_match_naive_lora(quant_type, bias, rslora):
+    base = quantized_linear(128, 96, bias, quant_type)
+    lora = LoRALinear(base, r=8, alpha=16, dropout=0.0, use_rslora=rslora)
+    assert lora.scale == (16 / math.sqrt(8) if rslora else 16 / 8)
+    nn.init.normal_(lora.lora_B.weight)  # B starts at zero; make the update non-trivial
+    x = torch.randn(3, 5, 128, requires_grad=True)
+    check_against_naive(lora, x, lora(x))
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])  # 0.1: geometric gaps on the CPU; 0.5: a uniform draw per entry
@@ -63,21 +68,7 @@ def test_dropout_matches_naive_lora_with_the_same_mask(p):
     dropped = zero_dropped(torch.ones(15, 128), draw_dropped(torch.Size((15, 128)), p, x.device)) == 0
     assert 0.25 * p < dropped.float().mean() < 2 * p
     torch.manual_seed(7)  # the layer draws the same mask
-    y = lora(x)
-
-    W = bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state)
-    A = lora.lora_A.weight.detach().clone().requires_grad_()
-    B = lora.lora_B.weight.detach().clone().requires_grad_()
-    x_ref = x.detach().clone().requires_grad_()
-    kept = x_ref * ~dropped.view(3, 5, 128) / (1 - p)  # inverted dropout, as nn.Dropout
-    y_ref = x_ref @ W.T + base.bias + 2.0 * (kept @ A.T) @ B.T
-    close(y, y_ref)
-    grad_out = torch.randn_like(y)
-    y.backward(grad_out)
-    y_ref.backward(grad_out)
-    close(lora.lora_A.weight.grad, A.grad)
-    close(lora.lora_B.weight.grad, B.grad)
-    close(x.grad, x_ref.grad)
+    check_against_naive(lora, x, lora(x), kept=~dropped.view(3, 5, 128), keep_scale=1 / (1 - p))  # inverted dropout
 
 
 @pytest.mark.parametrize("per_round", [None, 7])  # 7: many rounds of gaps, to test the continuation
