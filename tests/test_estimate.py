@@ -1,6 +1,7 @@
 """The memory estimator and `train --dry-run`: counts checked against transformers and bitsandbytes."""
 
 import json
+import re
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -115,3 +116,19 @@ def test_parse_bytes():
     assert parse_bytes("1.5g") == 1_500_000_000
     with pytest.raises(Exception, match="--gpu-memory"):
         parse_bytes("lots")
+
+
+GPU_RECIPES = [r for r in RECIPES if "Expected peak memory" in r.read_text()]
+
+
+@pytest.mark.parametrize("recipe", GPU_RECIPES, ids=lambda p: p.stem)
+def test_recipe_headers_quote_the_current_estimate(recipe, capsys):
+    """Each GPU recipe's header quotes `qlora-kit estimate`'s total for the command it gives: never stale."""
+
+    text = recipe.read_text()
+    quoted = float(re.search(r"Expected peak memory: ([0-9.]+) GiB", text).group(1))
+    command = re.search(r"#\s+qlora-kit estimate (\S+) (.*)", text)
+    args = ["estimate", str(recipe), *command.group(2).split()]
+    assert main(args) == 0
+    total = float(re.search(r"total\s+([0-9.]+) GiB", capsys.readouterr().out).group(1))
+    assert total == quoted
