@@ -36,20 +36,19 @@ class OffloadedLayers:
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.index = {id(block): i for i, block in enumerate(self.blocks)}
         self.store: list[list[tuple[bnb.nn.Linear4bit, torch.Tensor, QuantState]]] = []
-        for block in self.blocks:
+        self.prefetched: dict[int, tuple[list, torch.cuda.Event | None]] = {}
+        self.last = -1
+        for i, block in enumerate(self.blocks):
             entries = []
             for m in block.modules():
                 if isinstance(m, bnb.nn.Linear4bit):
                     data = m.weight.data.to("cpu")
-                    entries.append((m, data.pin_memory() if self.cuda else data, quant_state_to(m.weight.quant_state,
-                                                                                                  "cpu")))
+                    state = quant_state_to(m.weight.quant_state, "cpu")
+                    entries.append((m, data.pin_memory() if self.cuda else data, state))
             self.store.append(entries)
+            self._put(i, None)  # now: the unpinned copy goes at once, so host memory never holds two
             block.register_forward_pre_hook(self._install)
             block.register_forward_hook(self._release)
-        self.prefetched: dict[int, tuple[list, torch.cuda.Event | None]] = {}
-        self.last = -1
-        for i in range(len(self.blocks)):
-            self._put(i, None)
 
     def _install(self, block: nn.Module, args) -> None:
         i = self.index[id(block)]
