@@ -47,8 +47,9 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor],
     targets, mask = targets[:, keep], mask[:, keep]
     inner = getattr(model, "module", model)  # DDP wraps the model
     head = inner.get_output_embeddings()
-    chunk = max(1, chunk_bytes // (4 * head.weight.shape[0]))
-    if n <= chunk or not _plain_head(inner, head):
+    plain = _plain_head(inner, head)
+    chunk = max(1, chunk_bytes // (4 * head.weight.shape[0])) if plain else n
+    if n <= chunk:
         logits = model(**forward_inputs(batch), logits_to_keep=keep).logits  # (batch, len(keep), vocab)
         return F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum"), n
     with _head_returns_hidden(inner, head):
