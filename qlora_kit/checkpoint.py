@@ -125,6 +125,11 @@ def check_free_space(directory: Path, needed: int) -> None:
                         f"{human_bytes(free)} free; free some space or lower train.keep_checkpoints")
 
 
+def previous_run(output_dir: Path) -> list[str]:
+    """What of an earlier run `output_dir` holds: `train` refuses to overwrite it unless asked."""
+    return [p for p in ("adapter", "metrics.jsonl", CHECKPOINTS) if (Path(output_dir) / p).exists()]
+
+
 def save_checkpoint(output_dir: Path, state: TrainerState, write_adapter, optimizer: torch.optim.Optimizer,
                     scheduler, recipe_yaml: str) -> Path:
     """Write checkpoint `step-N` atomically; `write_adapter(dir)` saves the LoRA weights in PEFT format there."""

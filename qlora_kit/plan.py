@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qlora_kit.checkpoint import previous_run
 from qlora_kit.config import Recipe
 from qlora_kit.errors import UserError
 from qlora_kit.estimate import estimate, find_shape, format_estimate, local_gpu_memory
@@ -26,7 +27,7 @@ def dry_run(recipe: Recipe, recipe_path: str | None, shards: int = 1, offload: b
     if d.eval_path:
         data_sources(d.eval_path, recipe.allow_network, "data.eval_path")
     out = Path(recipe.output_dir)
-    previous = [p for p in ("adapter", "metrics.jsonl", "checkpoints") if (out / p).exists()]
+    previous = previous_run(out)
     steps = f"{t.max_steps} optimizer steps" if t.max_steps else f"{t.epochs} epoch(s)"
     budget = local_gpu_memory() if device == "cuda" else None
     lines = [f"recipe {recipe_path or '(defaults)'}: valid",

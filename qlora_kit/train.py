@@ -366,7 +366,7 @@ def prepare_output_dir(out: Path, overwrite: bool, resume_step: int | None = Non
     if resume_step is not None:
         truncate_metrics(out / "metrics.jsonl", resume_step)
         return
-    previous = [p for p in ("adapter", "metrics.jsonl", ckpt.CHECKPOINTS) if (out / p).exists()]
+    previous = ckpt.previous_run(out)
     if previous and not overwrite:
         raise UserError(f"'output_dir': {out} already holds a run ({', '.join(previous)}); choose another "
                         "output_dir, pass --resume to continue it, or --overwrite to replace it")
