@@ -37,13 +37,15 @@ def segment_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     rows = []
     for row, spans in enumerate(segments):
         q, k, v = query[row:row + 1], key[row:row + 1], value[row:row + 1]
+        # (1, T, heads, head_dim) pieces, the layout transformers wants back: one copy (the cat) per row
         parts = [F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], dropout_p=dropout,
-                                                is_causal=True, scale=scaling, enable_gqa=gqa) for a, b in spans]
+                                                is_causal=True, scale=scaling, enable_gqa=gqa).transpose(1, 2)
+                 for a, b in spans]
         end = spans[-1][1] if spans else 0
         if end < t:  # padding at the end of a row: zeros, attended by nothing
-            parts.append(q.new_zeros(*q.shape[:2], t - end, value.shape[-1]))
-        rows.append(torch.cat(parts, dim=2))
-    return torch.cat(rows).transpose(1, 2).contiguous(), None
+            parts.append(q.new_zeros(1, t - end, q.shape[1], value.shape[-1]))
+        rows.append(torch.cat(parts, dim=1))
+    return (rows[0] if len(rows) == 1 else torch.cat(rows)), None
 
 
 def _per_example_ok(module: nn.Module, query: torch.Tensor, key: torch.Tensor, segments, kwargs: dict) -> bool:

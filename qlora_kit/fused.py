@@ -3,21 +3,50 @@
 Same maths as `LoRALinear`'s readable forward (y = x W^T + b + scale * B A dropout(x)), computed so that a step
 does less work and holds less memory:
 
-- the 4-bit weight is dequantized once in forward and once in backward, and never kept alive in between
+- the 4-bit weight is dequantized for the forward and again for the backward, and not kept alive in between
   (bitsandbytes' `MatMul4Bit` does the same for the base; here the LoRA branch rides along in the same call);
 - the LoRA update is added into the base output in place (`addmm_`), and the scale (with dropout's 1/(1-p)) is
   applied to the rank-r activations, not to a (tokens x d_out) tensor: no full-size multiply or add per adapter;
 - saved for backward: the dropped-out input (or the input itself without dropout), the rank-r activations and the
-  indices of the dropped entries; no fp32 copy of any frozen weight;
+  indices of the dropped entries; no fp32 copy of any frozen weight outside the block being recomputed (below);
 - on the CPU, dropout draws the gaps between dropped entries (below), several times cheaper than `bernoulli_`.
+
+Under gradient checkpointing (`checkpoint_contexts`), a block's forward runs twice: once keeping nothing, then
+again (the recompute) right before the block's backward, to rebuild what the backward needs. Two savings there:
+
+- the recompute saves its tensors *before* computing the base matmul, and torch's non-reentrant checkpoint stops
+  recomputing as soon as the block's last saved tensor is back: the last linear of a block (a Llama MLP's
+  `down_proj`, the largest) never redoes its base matmul, whose output nothing in the backward reads;
+- on the CPU, where dequantizing costs ~10% of a matmul, the recompute keeps its dequantized weight for the
+  backward instead of dequantizing a third time: one block's weights at a time, freed by its backward. (On GPUs
+  dequantizing is cheap and memory is not: one 70B layer's 16-bit weights are 1.7 GB.)
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
-from bitsandbytes.functional import dequantize_4bit
+from bitsandbytes.functional import QuantState, dequantize_4bit, dequantize_blockwise
+
+_phase: str | None = None  # "forward" / "recompute" inside a block checkpointed with `checkpoint_contexts`
+
+
+@contextmanager
+def _checkpoint_phase(phase: str) -> Iterator[None]:
+    global _phase
+    previous, _phase = _phase, phase
+    try:
+        yield
+    finally:
+        _phase = previous
+
+
+def checkpoint_contexts():
+    """`context_fn` for `torch.utils.checkpoint` (non-reentrant): tells `lora_4bit` which pass it is in."""
+    return _checkpoint_phase("forward"), _checkpoint_phase("recompute")
 
 
 def draw_dropped(shape: torch.Size, p: float, device: torch.device, per_round: int | None = None) -> torch.Tensor:
@@ -27,9 +56,11 @@ def draw_dropped(shape: torch.Size, p: float, device: torch.device, per_round: i
     On the CPU, `bernoulli_` draws one random number per entry (~8 ns each here: as long as the matmul it feeds).
     The gaps between dropped entries of a Bernoulli(p) sequence are i.i.d. geometric(p), so drawing the gaps
     (floor(log U / log(1-p)) + 1, U uniform in (0, 1]) gives exactly the same distribution from ~p*n numbers
-    instead of n, and indices (p*n of them) are cheaper to apply than a mask. GPUs draw Bernoulli masks at memory
-    speed, and the gap method would need a host sync there. `per_round`: gaps drawn at a time (default: enough
-    to cover the tensor in one round but for a 6-sigma shortfall).
+    instead of n, and indices (p*n of them) are cheaper to apply than a mask. U is a float32 (a multiple of
+    2^-24, so log U is finite and float32's vectorised log applies): only gaps of probability < 2^-24 are cut
+    short. GPUs draw Bernoulli masks at memory speed, and the gap method would need a host sync there.
+    `per_round`: gaps drawn at a time (default: enough to cover the tensor in one round but for a 6-sigma
+    shortfall).
     """
     if device.type != "cpu" or p >= 0.25:
         return torch.rand(shape, device=device) < p
@@ -38,8 +69,8 @@ def draw_dropped(shape: torch.Size, p: float, device: torch.device, per_round: i
     while True:
         expected = (n - last) * p
         k = per_round or int(expected + 6 * math.sqrt(expected) + 16)
-        gaps = torch.rand(k, dtype=torch.float64).neg_().add_(1).log_().div_(log_keep).floor_().add_(1)
-        positions = gaps.cumsum_(0).add_(last).to(torch.int64)
+        gaps = torch.rand(k).neg_().add_(1).log_().div_(log_keep)  # >= 0: truncation is the floor
+        positions = gaps.to(torch.int64).add_(1).cumsum_(0).add_(last)
         inside = int(torch.searchsorted(positions, n))  # sorted: the first `inside` are < n
         chunks.append(positions[:inside])
         if inside < k:
@@ -55,23 +86,61 @@ def zero_dropped(t: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
     return t
 
 
-class LoRA4bit(torch.autograd.Function):
-    """y = x @ dequant(W)^T + bias + scale * (dropout(x) @ A^T) @ B^T, for 2-D x (tokens, d_in)."""
+def dequantize(weight: torch.Tensor, quant_state: QuantState) -> torch.Tensor:
+    """bitsandbytes' `dequantize_4bit`. On the CPU, with double quantization, the block scales are decoded once
+    and kept with the quant state (one float per 64 weights): decoding them was a fifth of each dequantization."""
+    if weight.device.type != "cpu" or not quant_state.nested:
+        return dequantize_4bit(weight, quant_state)
+    flat = getattr(quant_state, "qlora_kit_decoded", None)
+    if flat is None:
+        absmax = dequantize_blockwise(quant_state.absmax, quant_state.state2).add_(quant_state.offset).float()
+        flat = QuantState(absmax, shape=quant_state.shape, code=quant_state.code, blocksize=quant_state.blocksize,
+                          quant_type=quant_state.quant_type, dtype=quant_state.dtype)
+        quant_state.qlora_kit_decoded = flat
+    return dequantize_4bit(weight, flat)
 
-    @staticmethod
-    def forward(ctx, x, lora_a, lora_b, weight, quant_state, bias, scale: float, p: float):
-        w = dequantize_4bit(weight, quant_state).to(x.dtype)
-        y = torch.mm(x, w.t())
-        del w
-        if bias is not None:
-            y += bias
+
+def lora_4bit(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, weight: torch.Tensor,
+              quant_state: QuantState, bias: torch.Tensor | None, scale: float, p: float) -> torch.Tensor:
+    """y = x @ dequant(W)^T + bias + scale * (dropout(x) @ A^T) @ B^T, for 2-D x (tokens, d_in)."""
+    with torch.no_grad():  # the Function's inputs; their gradients are the Function's business
+        w = dequantize(weight, quant_state).to(x.dtype) if _phase and x.device.type == "cpu" else None
         drop = draw_dropped(x.shape, p, x.device) if p > 0 else None
         x_in = x if drop is None else zero_dropped(x.clone(), drop)
         h = torch.mm(x_in, lora_a.t())  # (tokens, r)
-        s = scale / (1 - p)  # dropout's rescaling, applied at rank r
-        y.addmm_(h, lora_b.t(), alpha=s)
-        ctx.save_for_backward(x_in, h, drop, lora_a, lora_b, weight)
-        ctx.quant_state, ctx.s = quant_state, s
+    s = scale / (1 - p)  # dropout's rescaling, applied at rank r
+    recompute = _phase == "recompute"
+    y = LoRA4bit.apply(x, lora_a, lora_b, weight, quant_state, w, bias, x_in, h, drop, s, recompute)
+    if recompute:  # the recompute went on past this layer's saved tensors: its output is needed after all
+        with torch.no_grad():
+            _forward(y, x, weight, quant_state, w, bias, h, lora_b, s)
+    return y
+
+
+def _forward(y, x, weight, quant_state, w, bias, h, lora_b, s: float) -> None:
+    """Fill y (tokens, d_out) in place: the same operations in the same order in forward and recompute."""
+    w = dequantize(weight, quant_state).to(x.dtype) if w is None else w
+    torch.mm(x, w.t(), out=y)
+    del w
+    if bias is not None:
+        y += bias
+    y.addmm_(h, lora_b.t(), alpha=s)
+
+
+class LoRA4bit(torch.autograd.Function):
+    """Given h = dropout(x) @ A^T, y = x @ W^T + bias + s * h @ B^T; gradients for x, A and B.
+
+    `w`: the dequantized weight to use and keep for backward (else `weight` is kept and dequantized again).
+    `defer`: save, return y uncomputed; the caller fills it if recomputation did not stop at the save.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, weight, quant_state, w, bias, x_in, h, drop, s: float, defer: bool):
+        ctx.save_for_backward(x_in, h, drop, lora_a, lora_b, weight if w is None else w)
+        ctx.quant_state, ctx.s, ctx.dequantized = quant_state, s, w is not None
+        y = x.new_empty(x.shape[0], lora_b.shape[0])
+        if not defer:
+            _forward(y, x, weight, quant_state, w, bias, h, lora_b, s)
         return y
 
     @staticmethod
@@ -80,14 +149,14 @@ class LoRA4bit(torch.autograd.Function):
         s = ctx.s
         grad_h = torch.mm(grad_y, lora_b).mul_(s)  # (tokens, r), scale included
         grad_a = torch.mm(grad_h.t(), x_in) if ctx.needs_input_grad[1] else None
-        grad_b = torch.mm(grad_y.t(), h).mul_(s) if ctx.needs_input_grad[2] else None
+        grad_b = torch.mm(h.t(), grad_y).mul_(s).t() if ctx.needs_input_grad[2] else None  # ~2x faster than B^T
         grad_x = None
         if ctx.needs_input_grad[0]:
-            w = dequantize_4bit(weight, ctx.quant_state).to(grad_y.dtype)
+            w = weight if ctx.dequantized else dequantize(weight, ctx.quant_state).to(grad_y.dtype)
             grad_x = torch.mm(grad_y, w)
             del w
             if drop is None:
                 grad_x.addmm_(grad_h, lora_a)
             else:
                 grad_x += zero_dropped(torch.mm(grad_h, lora_a), drop)
-        return grad_x, grad_a, grad_b, None, None, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None, None, None, None, None, None

@@ -25,7 +25,7 @@ from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 from torch import nn
 
 from qlora_kit.errors import UserError
-from qlora_kit.fused import LoRA4bit
+from qlora_kit.fused import lora_4bit
 
 
 class LoRALinear(nn.Module):
@@ -55,8 +55,8 @@ class LoRALinear(nn.Module):
         if self._fused(x):  # same maths, less work and memory: see fused.py
             p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
             base = self.base_layer
-            y = LoRA4bit.apply(x.reshape(-1, self.in_features).to(base.compute_dtype), self.lora_A.weight,
-                               self.lora_B.weight, base.weight.data, base.weight.quant_state, base.bias, self.scale, p)
+            y = lora_4bit(x.reshape(-1, self.in_features).to(base.compute_dtype), self.lora_A.weight,
+                          self.lora_B.weight, base.weight.data, base.weight.quant_state, base.bias, self.scale, p)
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         y = self.base_layer(x)
         lora_dtype = self.lora_A.weight.dtype

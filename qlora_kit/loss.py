@@ -51,13 +51,19 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor],
     chunk = max(1, chunk_bytes // (4 * head.weight.shape[0])) if plain else n
     if n <= chunk:
         logits = model(**forward_inputs(batch), logits_to_keep=keep).logits  # (batch, len(keep), vocab)
-        return F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum"), n
+        return F.cross_entropy(_labelled(logits, mask).float(), _labelled(targets, mask), reduction="sum"), n
     with _head_returns_hidden(inner, head):
-        hidden = model(**forward_inputs(batch), logits_to_keep=keep).logits[mask]  # (n, hidden)
-    targets = targets[mask]
+        hidden = _labelled(model(**forward_inputs(batch), logits_to_keep=keep).logits, mask)  # (n, hidden)
+    targets = _labelled(targets, mask)
     total = sum(checkpoint(_loss_sum, hidden[i:i + chunk], head.weight, targets[i:i + chunk], use_reentrant=False)
                 for i in range(0, n, chunk))
     return total, n
+
+
+def _labelled(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """t[mask] for (batch, positions, ...) t; a view when every kept position is a label (one concatenated row),
+    which spares a copy of the logits and, in backward, a zero-filled logits-sized gradient to scatter into."""
+    return t.flatten(0, 1) if bool(mask.all()) else t[mask]
 
 
 def _loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

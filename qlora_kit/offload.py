@@ -5,9 +5,10 @@ The unit is a block of a decoder layer (its attention, its MLP): the block's 4-b
 states are copied to the GPU by a forward pre-hook and dropped by a forward hook, in the forward pass and again
 in the recompute that gradient checkpointing runs before the layer's backward (transformers checkpoints a
 layer's `forward`, so hooks on the layer itself would stay outside the recompute; its blocks' hooks run inside).
-The backward needs no hook: `LoRA4bit` saves the weight tensor it was given, so the recomputed block's copy
-stays alive exactly until its backward is done, then goes. That is why offloading needs gradient
-checkpointing: without it, every block's copy would be kept for backward.
+The backward needs no hook: `LoRA4bit` saves the weight tensor it was given (on the CPU, its dequantized copy),
+so the recomputed block's copy stays alive exactly until its backward is done, then goes. The release hook also
+runs when a recompute stops early, at the block's last saved tensor (see fused.py). That is why offloading needs
+gradient checkpointing: without it, every block's copy would be kept for backward.
 
 On a GPU the host copies are pinned, and while a block computes, the next one in the direction of travel
 (ascending in forward, descending in the backward's recomputes) is copied on a side stream, so the copy
@@ -48,7 +49,7 @@ class OffloadedLayers:
             self.store.append(entries)
             self._put(i, None)  # now: the unpinned copy goes at once, so host memory never holds two
             block.register_forward_pre_hook(self._install)
-            block.register_forward_hook(self._release)
+            block.register_forward_hook(self._release, always_call=True)  # also when a recompute stops early
 
     def _install(self, block: nn.Module, args) -> None:
         i = self.index[id(block)]

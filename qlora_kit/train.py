@@ -35,6 +35,7 @@ from qlora_kit.data import load_data
 from qlora_kit.distributed import check_fsdp
 from qlora_kit.errors import UserError
 from qlora_kit.formats import IGNORE
+from qlora_kit.fused import checkpoint_contexts
 from qlora_kit.lora import add_lora, is_lora, select_targets
 from qlora_kit.loss import token_loss_sum
 from qlora_kit.metrics import MetricsLog, human_bytes, peak_memory_bytes
@@ -309,8 +310,10 @@ def save_run_adapter(recipe: Recipe, loaded: LoadedModel, model: torch.nn.Module
 
 
 def enable_checkpointing(model: torch.nn.Module) -> None:
-    """Non-reentrant checkpointing: works with a frozen base whose inputs need no grad, and stores the least."""
-    kwargs = {"use_reentrant": False}
+    """Non-reentrant checkpointing: works with a frozen base whose inputs need no grad, and stores the least.
+
+    The contexts tell the LoRA layers which pass they run in, so the recompute skips work (see fused.py)."""
+    kwargs = {"use_reentrant": False, "context_fn": checkpoint_contexts}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:

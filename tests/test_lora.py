@@ -127,3 +127,47 @@ def test_select_targets_by_name_and_regex():
 def test_select_targets_that_match_nothing_list_what_exists():
     with pytest.raises(UserError, match=r"'qproj' matches no linear layer.*down_proj, k_proj, o_proj, q_proj, v_proj"):
         select_targets(NAMES, ["v_proj", "qproj"])
+
+
+def test_checkpointed_recompute_skips_the_last_base_matmul_and_a_dequantization():
+    """In a checkpointed block (gate -> SiLU -> down), the recompute stops at the block's last saved tensor, so
+    `down` never redoes its base matmul, and on the CPU the backward reuses the recompute's dequantized weights.
+    Counted from the operations torch and bitsandbytes ran; outputs and gradients equal the plain block's."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.checkpoint import checkpoint
+
+    from qlora_kit.fused import checkpoint_contexts
+
+    gate = LoRALinear(quantized_linear(64, 96, bias=True), r=8, alpha=16, dropout=0.1).train()
+    down = LoRALinear(quantized_linear(96, 48, bias=False), r=8, alpha=16, dropout=0.1).train()
+    for lora in (gate, down):
+        nn.init.normal_(lora.lora_B.weight)
+
+    def block(x):
+        return down(torch.nn.functional.silu(gate(x)))
+
+    def run(checkpointed: bool, contexts: bool):
+        x = torch.randn(20, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        torch.manual_seed(3)  # the same dropout masks in every run
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            kwargs = {"context_fn": checkpoint_contexts} if contexts else {}
+            y = checkpoint(block, x, use_reentrant=False, **kwargs) if checkpointed else block(x)
+            y.backward(torch.ones_like(y))
+        grads = [x.grad] + [p.grad.clone() for p in (*gate.parameters(), *down.parameters()) if p.grad is not None]
+        for p in (*gate.parameters(), *down.parameters()):
+            p.grad = None
+        events = prof.events()
+        mm = [e.input_shapes[:2] for e in events if e.name == "aten::mm"]
+        counts = {"down base": mm.count([[20, 96], [96, 48]]), "gate base": mm.count([[20, 64], [64, 96]]),
+                  "dequantize": sum(e.name == "bitsandbytes::dequantize_4bit" for e in events)}
+        return y.detach(), grads, counts
+
+    y_plain, grads_plain, plain = run(checkpointed=False, contexts=False)
+    _, _, stock = run(checkpointed=True, contexts=False)
+    y_ours, grads_ours, ours = run(checkpointed=True, contexts=True)
+    assert plain == {"down base": 1, "gate base": 1, "dequantize": 4}  # forward; the backward dequantizes again
+    assert stock == {"down base": 2, "gate base": 2, "dequantize": 6}  # + the recompute
+    assert ours == {"down base": 1, "gate base": 2, "dequantize": 4}  # down's recompute stops before its matmul
+    close(y_ours, y_plain)
+    for actual, expected in zip(grads_ours, grads_plain, strict=True):
+        close(actual, expected)
