@@ -55,10 +55,10 @@ def draw_dropped(shape: torch.Size, p: float, device: torch.device, per_round: i
 
     On the CPU, `bernoulli_` draws one random number per entry (~8 ns each here: as long as the matmul it feeds).
     The gaps between dropped entries of a Bernoulli(p) sequence are i.i.d. geometric(p), so drawing the gaps
-    (floor(log U / log(1-p)) + 1, U uniform in (0, 1]) gives exactly the same distribution from ~p*n numbers
-    instead of n, and indices (p*n of them) are cheaper to apply than a mask. U is a float32 (a multiple of
-    2^-24, so log U is finite and float32's vectorised log applies): only gaps of probability < 2^-24 are cut
-    short. GPUs draw Bernoulli masks at memory speed, and the gap method would need a host sync there.
+    (floor(log(1-U) / log(1-p)) + 1, U uniform in [0, 1)) gives exactly the same distribution from ~p*n
+    numbers instead of n, and indices (p*n of them) are cheaper to apply than a mask. U is a float32 (a multiple
+    of 2^-24 below 1, so log(1-U) is finite and float32's vectorised log applies): only gaps of probability
+    < 2^-24 are cut short. GPUs draw Bernoulli masks at memory speed, and the gap method would need a host sync there.
     `per_round`: gaps drawn at a time (default: enough to cover the tensor in one round but for a 6-sigma
     shortfall).
     """
@@ -69,7 +69,7 @@ def draw_dropped(shape: torch.Size, p: float, device: torch.device, per_round: i
     while True:
         expected = (n - last) * p
         k = per_round or int(expected + 6 * math.sqrt(expected) + 16)
-        gaps = torch.rand(k).neg_().add_(1).log_().div_(log_keep)  # >= 0: truncation is the floor
+        gaps = torch.rand(k).neg_().log1p_().div_(log_keep)  # log(1 - U) / log(1 - p) >= 0: truncating floors
         positions = gaps.to(torch.int64).add_(1).cumsum_(0).add_(last)
         inside = int(torch.searchsorted(positions, n))  # sorted: the first `inside` are < n
         chunks.append(positions[:inside])

@@ -43,7 +43,7 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor],
     n = int(mask.sum())
     if not _takes_logits_to_keep(model):
         logits = model(**forward_inputs(batch)).logits[:, :-1]
-        return F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum"), n
+        return cross_entropy_sum(logits[mask].float(), targets[mask]), n
     targets, mask = targets[:, keep], mask[:, keep]
     inner = getattr(model, "module", model)  # DDP wraps the model
     head = inner.get_output_embeddings()
@@ -51,7 +51,7 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor],
     chunk = max(1, chunk_bytes // (4 * head.weight.shape[0])) if plain else n
     if n <= chunk:
         logits = model(**forward_inputs(batch), logits_to_keep=keep).logits  # (batch, len(keep), vocab)
-        return F.cross_entropy(_labelled(logits, mask).float(), _labelled(targets, mask), reduction="sum"), n
+        return cross_entropy_sum(_labelled(logits, mask).float(), _labelled(targets, mask)), n
     with _head_returns_hidden(inner, head):
         hidden = _labelled(model(**forward_inputs(batch), logits_to_keep=keep).logits, mask)  # (n, hidden)
     targets = _labelled(targets, mask)
@@ -67,7 +67,32 @@ def _labelled(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
+    return cross_entropy_sum(F.linear(hidden, weight).float(), targets)
+
+
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`F.cross_entropy(logits, targets, reduction="sum")` for fp32 (n, vocab) logits that nothing else uses."""
+    return _CrossEntropySum.apply(logits, targets)
+
+
+class _CrossEntropySum(torch.autograd.Function):
+    """sum_i logsumexp(z_i) - z_i[t_i]. Its gradient, softmax(z) - onehot(t), is written over the logits in
+    backward: the logits are the one (n, vocab) tensor kept, where `F.cross_entropy` keeps its log-softmax and
+    allocates two more in backward (a zero-filled gradient to scatter into, the log-softmax gradient). At a 49k
+    vocabulary and 300 labels that is 120 MB less to allocate, page in and write per micro-batch."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        lse = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(logits, targets, lse)
+        return (lse - logits.gather(1, targets[:, None]).squeeze(1)).sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        softmax = logits.sub_(lse[:, None]).exp_()  # in place: the logits are not needed again
+        softmax[torch.arange(len(targets), device=targets.device), targets] -= 1
+        return softmax.mul_(grad), None
 
 
 def _plain_head(model: nn.Module, head: nn.Module) -> bool:
