@@ -143,8 +143,11 @@ def estimate(recipe: Recipe, shape: Shape, device: str = "cuda", shards: int = 1
         "optimizer states": lora_params * state_bytes // shards,
         "activations": (shape.num_layers * tokens * h * cb + tokens * layer) if t.gradient_checkpointing
         else shape.num_layers * tokens * (layer + h * cb),
-        "logits and loss": logit_tokens(tokens, shape.vocab_size) * shape.vocab_size * (2 * cb + 12),
+        # the head's output, its fp32 copy (none in fp32) and the log-sum-exp's temporary; backward works in place
+        "logits and loss": logit_tokens(tokens, shape.vocab_size) * shape.vocab_size * (cb + 4 + (4 if cb < 4 else 0)),
     }
+    if device == "cpu" and t.gradient_checkpointing:  # fused.py: the recompute keeps its layer dequantized
+        parts["dequantized layer"] = shape.quantized_params // shape.num_layers * cb
     if t.offload_base:  # train.offload_base: the layer being computed and the one being copied
         host_weights = parts["4-bit weights"]
         parts["4-bit weights"] = 2 * int(shape.quantized_params / shape.num_layers * quant_bits / 8)
