@@ -252,6 +252,7 @@ def train(recipe: Recipe, overwrite: bool = False, resume: str | bool | None = N
         print(f"done: {total_steps} steps in {elapsed:.1f} s, {total_tokens / elapsed:.0f} tokens/s, final loss "
               f"{loss:.4f}{evaluated}, peak memory {human_bytes(peak)}; adapter: {adapter_dir}, metrics: "
               f"{out / 'metrics.jsonl'}", file=sys.stderr)
+    accelerator.wait_for_everyone()  # no rank tears the process group down while rank 0 still writes
     accelerator.end_training()
     return TrainResult(total_steps, elapsed, total_tokens, peak, adapter_dir, loss, unwrapped, eval_loss,
                        last_checkpoint)
