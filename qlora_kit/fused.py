@@ -86,25 +86,26 @@ def zero_dropped(t: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def dequantize(weight: torch.Tensor, quant_state: QuantState) -> torch.Tensor:
-    """bitsandbytes' `dequantize_4bit`. On the CPU, with double quantization, the block scales are decoded once
-    and kept with the quant state (one float per 64 weights): decoding them was a fifth of each dequantization."""
+def dequantize(weight: torch.Tensor, quant_state: QuantState, dtype: torch.dtype) -> torch.Tensor:
+    """bitsandbytes' `dequantize_4bit`, in `dtype`. On the CPU, with double quantization, the block scales are
+    decoded once and kept with the quant state (one float per 64 weights): decoding them was a fifth of each
+    dequantization."""
     if weight.device.type != "cpu" or not quant_state.nested:
-        return dequantize_4bit(weight, quant_state)
+        return dequantize_4bit(weight, quant_state).to(dtype)
     flat = getattr(quant_state, "qlora_kit_decoded", None)
     if flat is None:
         absmax = dequantize_blockwise(quant_state.absmax, quant_state.state2).add_(quant_state.offset).float()
         flat = QuantState(absmax, shape=quant_state.shape, code=quant_state.code, blocksize=quant_state.blocksize,
                           quant_type=quant_state.quant_type, dtype=quant_state.dtype)
         quant_state.qlora_kit_decoded = flat
-    return dequantize_4bit(weight, flat)
+    return dequantize_4bit(weight, flat).to(dtype)
 
 
 def lora_4bit(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, weight: torch.Tensor,
               quant_state: QuantState, bias: torch.Tensor | None, scale: float, p: float) -> torch.Tensor:
     """y = x @ dequant(W)^T + bias + scale * (dropout(x) @ A^T) @ B^T, for 2-D x (tokens, d_in)."""
     with torch.no_grad():  # the Function's inputs; their gradients are the Function's business
-        w = dequantize(weight, quant_state).to(x.dtype) if _phase and x.device.type == "cpu" else None
+        w = dequantize(weight, quant_state, x.dtype) if _phase and x.device.type == "cpu" else None
         drop = draw_dropped(x.shape, p, x.device) if p > 0 else None
         x_in = x if drop is None else zero_dropped(x.clone(), drop)
         h = torch.mm(x_in, lora_a.t())  # (tokens, r)
@@ -119,7 +120,7 @@ def lora_4bit(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, weigh
 
 def _forward(y, x, weight, quant_state, w, bias, h, lora_b, s: float) -> None:
     """Fill y (tokens, d_out) in place: the same operations in the same order in forward and recompute."""
-    w = dequantize(weight, quant_state).to(x.dtype) if w is None else w
+    w = dequantize(weight, quant_state, x.dtype) if w is None else w
     torch.mm(x, w.t(), out=y)
     del w
     if bias is not None:
@@ -152,7 +153,7 @@ class LoRA4bit(torch.autograd.Function):
         grad_b = torch.mm(h.t(), grad_y).mul_(s).t() if ctx.needs_input_grad[2] else None  # ~2x faster than B^T
         grad_x = None
         if ctx.needs_input_grad[0]:
-            w = weight if ctx.dequantized else dequantize(weight, ctx.quant_state).to(grad_y.dtype)
+            w = weight if ctx.dequantized else dequantize(weight, ctx.quant_state, grad_y.dtype)
             grad_x = torch.mm(grad_y, w)
             del w
             if drop is None:
