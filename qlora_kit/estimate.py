@@ -143,8 +143,9 @@ def estimate(recipe: Recipe, shape: Shape, device: str = "cuda", shards: int = 1
         "optimizer states": lora_params * state_bytes // shards,
         "activations": (shape.num_layers * tokens * h * cb + tokens * layer) if t.gradient_checkpointing
         else shape.num_layers * tokens * (layer + h * cb),
-        # the head's output, its fp32 copy (none in fp32) and the log-sum-exp's temporary; backward works in place
-        "logits and loss": logit_tokens(tokens, shape.vocab_size) * shape.vocab_size * (cb + 4 + (4 if cb < 4 else 0)),
+        # head output and gradient in the compute dtype, + 12 bytes in fp32: measured peaks did not fall with the
+        # in-place cross-entropy (SmolLM2 1x512 on the CPU), so the earlier count stays
+        "logits and loss": logit_tokens(tokens, shape.vocab_size) * shape.vocab_size * (2 * cb + 12),
     }
     if device == "cpu" and t.gradient_checkpointing:  # fused.py: the recompute keeps its layer dequantized
         parts["dequantized layer"] = shape.quantized_params // shape.num_layers * cb
