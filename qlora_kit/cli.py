@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -71,6 +72,10 @@ def _generate(args: argparse.Namespace) -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_for_inference(args.model, device)
+    if args.cpu_bf16_kernel and device.type == "cpu":
+        from qlora_kit.model import use_cpu_bf16_kernel
+
+        use_cpu_bf16_kernel(model)
     generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, stream=True)
     print()
 
@@ -163,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--cpu-bf16-kernel", action="store_true",
+                     help="on a CPU with AVX512-BF16, compute the 4-bit layers with bitsandbytes' bf16 kernel: "
+                          "faster, less precise (eval and merge never do); ignored on GPUs")
     gen.set_defaults(func=_generate)
 
     ev = commands.add_parser("eval", parents=[model],
@@ -186,7 +194,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_library_noise() -> None:
+    """Drop third-party log lines that every run would print and that say nothing about this run.
+
+    bitsandbytes, imported on a CPU with AVX512-BF16, warns that the optional `kernels` package is missing: it only
+    speeds up the bf16 kernel that qlora-kit keeps off (model.keep_4bit_layout) unless `generate
+    --cpu-bf16-kernel` asks for it, and bitsandbytes' own build of that kernel serves then. The filter sits on the
+    logger object, so it holds however late bitsandbytes is imported."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_about_kernels_community)  # idempotent
+
+
+def _not_about_kernels_community(record: logging.LogRecord) -> bool:
+    return "kernels-community" not in record.getMessage()
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_library_noise()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Options may sit between overrides (`train r.yaml a=1 --overwrite b=2`): argparse leaves the tail here.

@@ -67,8 +67,7 @@ class LoRALinear(nn.Module):
         """Training over a 4-bit base whose compute dtype the LoRA weights share (the case `train` builds)."""
         base = self.base_layer
         return (torch.is_grad_enabled() and isinstance(base, bnb.nn.Linear4bit)
-                and base.compute_dtype == self.lora_A.weight.dtype
-                and not getattr(base.weight.quant_state, "packing_format_for_cpu", False))
+                and base.compute_dtype == self.lora_A.weight.dtype)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}"

@@ -66,6 +66,7 @@ def load_quantized(path: Path, quant: QuantConfig, device: torch.device, trust_r
     with streaming_allocations():
         _fill_weights(model, path, quant, dtype, device, park)
     _check_complete(model, path)
+    keep_4bit_layout(model)
     use_segment_attention(model)
     model.requires_grad_(False)
     model.eval()
@@ -98,6 +99,34 @@ def _fill_weights(model: PreTrainedModel, path: Path, quant: QuantConfig, dtype:
         for key, buf in buffer_owner._buffers.items():
             if buf is not None and buf.device != device:
                 buffer_owner._buffers[key] = buf.to(device)
+
+
+def keep_4bit_layout(model: nn.Module) -> None:
+    """Make every 4-bit layer of `model` compute in its compute dtype from its own weights, on every CPU.
+
+    On CPUs with AVX512-BF16, bitsandbytes' `Linear4bit.forward` repacks the layer's weight in place at its first
+    eval forward without grad (bf16 block scales, another nibble order) and computes in bf16 from then on,
+    whatever the compute dtype. The same adapter would then give other numbers on other machines, an evaluation
+    during training would change the base the next steps train on, and state dicts read afterwards would hold
+    re-quantized block scales. qlora-kit turns this off per module, for every model it builds (here, called by
+    `load_quantized`): bitsandbytes layers built by anyone else in the process are left as they are. The opt-in
+    bf16 kernel for generation (`use_cpu_bf16_kernel`) is the one way back.
+    """
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def use_cpu_bf16_kernel(model: nn.Module) -> None:
+    """Opt in to bitsandbytes' bf16 kernel for `model`'s 4-bit layers: faster generation on CPUs with
+    AVX512-BF16 (see docs/performance.md), at bf16 precision. For `generate` only: the layers are repacked at
+    their first forward, so the model must not be scored, merged, saved or trained afterwards."""
+    if not bnb.functional.has_avx512bf16():
+        raise UserError("--cpu-bf16-kernel needs a CPU with AVX512-BF16 (`avx512_bf16` in /proc/cpuinfo); "
+                        "this one has none")
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = True
 
 
 def meta_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> PreTrainedModel:

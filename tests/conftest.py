@@ -6,9 +6,10 @@ import json
 import os
 from pathlib import Path
 
+import bitsandbytes as bnb
 import pytest
 import torch
-from transformers import LlamaConfig, Phi3Config, Qwen2Config
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, Phi3Config, Qwen2Config
 
 from qlora_kit.zoo import save_tiny_random
 
@@ -41,3 +42,25 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def memorise_data(tmp_path) -> Path:
     rows = [{"prompt": f"Reverse: {w}\n", "completion": w[::-1]} for w in ("alpha", "bravo", "delta", "tango")]
     return write_jsonl(tmp_path / "data.jsonl", rows)
+
+
+def transformers_4bit(path: Path, quant_type: str = "nf4", double_quant: bool = True):
+    """transformers' own 4-bit load (`BitsAndBytesConfig`, fp32 compute): the independent reference for ours.
+
+    Like every model qlora-kit builds, its 4-bit layers are kept from repacking themselves to bf16 at the first
+    no-grad forward, which bitsandbytes does on CPUs with AVX512-BF16: without this, on such CPUs the reference
+    would compute in bf16 and ours in fp32, and "bit-identical" would compare two different computations.
+    Set here on bitsandbytes' own attribute, not through qlora-kit, so the reference does not lean on the code
+    under test."""
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.float32).eval()
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def own_lines(stderr: str) -> list[str]:
+    """qlora-kit's own lines of a command's stderr: libraries print warnings of their own, which vary by machine."""
+    return [line for line in stderr.strip().splitlines() if line.startswith("qlora-kit")]

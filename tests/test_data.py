@@ -35,7 +35,7 @@ from qlora_kit.loss import token_loss_sum
 from qlora_kit.train import build_model, train
 from qlora_kit.zoo import byte_level_tokenizer
 
-from conftest import write_jsonl
+from conftest import own_lines, write_jsonl
 
 TOK = byte_level_tokenizer()
 EOS = "<|im_end|>"  # the test tokenizer's EOS; its pad token is <|endoftext|>
@@ -268,7 +268,7 @@ def test_bad_data_fails_before_training_with_exit_code_2(tiny_llama, tmp_path):
                           f"model.path={tiny_llama}", f"data.path={data}", f"output_dir={out}"],
                          capture_output=True, text=True, timeout=120)
     assert cli.returncode == 2 and not out.exists()
-    assert cli.stderr.strip().splitlines() == [f"qlora-kit: error: {data}:2: field 'completion' must be a string, got "
+    assert own_lines(cli.stderr) == [f"qlora-kit: error: {data}:2: field 'completion' must be a string, got "
                                                "a number (the only bad row; data.skip_bad_rows: true skips them)"]
 
 

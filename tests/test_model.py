@@ -4,21 +4,14 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from qlora_kit.config import QuantConfig
 from qlora_kit.errors import UserError
 from qlora_kit.model import compute_dtype_for, load_quantized
 
-from conftest import make_tiny_model
+from conftest import make_tiny_model, transformers_4bit
 
 CPU = torch.device("cpu")
-
-
-def transformers_4bit(path, quant: QuantConfig):
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
-                                bnb_4bit_use_double_quant=quant.double_quant, bnb_4bit_compute_dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.float32)
 
 
 def linear4bit_modules(model) -> dict:
@@ -30,7 +23,7 @@ def linear4bit_modules(model) -> dict:
 def test_4bit_weights_are_bit_identical_to_transformers(tiny_models, arch, quant_type, double_quant):
     quant = QuantConfig(quant_type=quant_type, double_quant=double_quant)
     ours = load_quantized(tiny_models[arch], quant, CPU).model
-    theirs = transformers_4bit(tiny_models[arch], quant)
+    theirs = transformers_4bit(tiny_models[arch], quant.quant_type, quant.double_quant)
     ours_q, theirs_q = linear4bit_modules(ours), linear4bit_modules(theirs)
     assert ours_q.keys() == theirs_q.keys() and len(ours_q) == 2 * (7 if arch != "phi3" else 4)
     for name, layer in ours_q.items():

@@ -4,7 +4,6 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from qlora_kit import adapter as adapter_io
 from qlora_kit.batching import collate
@@ -13,13 +12,9 @@ from qlora_kit.data import load_examples
 from qlora_kit.loss import token_loss_sum
 from qlora_kit.train import build_model, train
 
+from conftest import transformers_4bit
+
 CPU = torch.device("cpu")
-
-
-def transformers_4bit(path):
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.float32).eval()
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])

@@ -16,6 +16,8 @@ from qlora_kit.loss import token_loss_sum
 from qlora_kit.optim import build_optimizer
 from qlora_kit.train import build_model, train
 
+from conftest import own_lines
+
 
 def recipe_for(model_dir, data, out, *overrides):
     return load_recipe(None, [f"model.path={model_dir}", f"data.path={data}", f"output_dir={out}",
@@ -185,7 +187,7 @@ def test_cli_user_errors_are_one_line_and_exit_2(tmp_path):
     recipe.write_text("seed: 1\n")
     bad = run_cli("train", recipe, "lora.rank=8")
     assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines() == ["qlora-kit: error: command line: unknown recipe key 'lora.rank'; "
+    assert own_lines(bad.stderr) == ["qlora-kit: error: command line: unknown recipe key 'lora.rank'; "
                                                "did you mean 'lora.r'?"]
     debug = run_cli("--debug", "train", recipe, "lora.rank=8")
     assert debug.returncode != 0 and "Traceback" in debug.stderr
