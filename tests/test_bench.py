@@ -37,3 +37,15 @@ def test_bench_runs_both_stacks(tmp_path):
         assert report["ratios"][ratio] == pytest.approx(report["qlora_kit"][key] / report["standard"][key])
     # Same data, same tokenisation, two steps at lr 2e-4 from the same base: the losses barely differ.
     assert report["ratios"]["final_loss"] == pytest.approx(1.0, abs=0.05)
+
+
+def test_generation_bench_runs(tmp_path):
+    model = save_tiny_random(tmp_path / "m")
+    out = tmp_path / "gen.json"
+    env = {**os.environ, "QLORA_KIT_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, str(BENCH.with_name("bench_generate.py")), "--model", str(model),
+                    "--max-new-tokens", "4", "--rounds", "1", "--out", str(out)], check=True, env=env, timeout=300)
+    report = json.loads(out.read_text())
+    assert report["default_tokens_per_s"] > 0 and "cpu" in report["hardware"]
+    # The bf16 kernel is measured only where the CPU has it.
+    assert ("bf16_kernel_tokens_per_s" in report) == report["hardware"]["avx512_bf16"]

@@ -163,6 +163,7 @@ def run_qlora_kit(s: dict) -> dict:
 
 
 def run_standard(s: dict) -> dict:
+    import bitsandbytes as bnb
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import (
@@ -192,6 +193,9 @@ def run_standard(s: dict) -> dict:
                                bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(s["model_dir"], quantization_config=quant, dtype=dtype,
                                                  device_map={"": 0} if cuda else {"": "cpu"})
+    for module in model.modules():  # no bf16 repacking at the final-loss pass, as qlora-kit (keep_4bit_layout)
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=s["r"], lora_alpha=s["alpha"], lora_dropout=s["dropout"], target_modules="all-linear",
@@ -283,15 +287,20 @@ def hardware(device: str) -> dict:
             "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__,
             "bitsandbytes": bitsandbytes.__version__}
-    try:
-        cpu = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-               if line.startswith("model name")]
-        info["cpu"] = cpu[0] if cpu else platform.processor()
-    except OSError:
-        info["cpu"] = platform.processor()
+    info["cpu"] = cpu_name()
+    info["avx512_bf16"] = bool(bitsandbytes.functional.has_avx512bf16())
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def cpu_name() -> str:
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
