@@ -6,10 +6,12 @@
         rng.safetensors          torch's CPU RNG state and one per CUDA device (uint8 tensors)
         trainer_state.json       step, data position, scheduler, optimizer scalars, python + numpy RNG states
         recipe.yaml              the resolved recipe, to refuse resuming with an incompatible one
-        COMPLETE                 written last: {file: size}; a directory without it, or whose sizes differ, is unused
+        COMPLETE                 written last: {file: [size, sha256]}; a directory without it is unused
 
-A checkpoint is written into a hidden temporary directory and renamed into place, so a crash or a full disk
-mid-save leaves the previous checkpoint as it was. Tensors go to safetensors and everything else to JSON:
+A checkpoint is written into a hidden temporary directory, flushed to disk and renamed into place, so a crash
+or a full disk mid-save leaves the previous checkpoint as it was. Resuming checks every file against its
+checksum and falls back to the newest checkpoint that passes (a crash can leave a file of the right size
+filled with zeros). Tensors go to safetensors and everything else to JSON:
 loading a checkpoint never unpickles anything, so a checkpoint from elsewhere cannot run code.
 """
 
@@ -19,7 +21,7 @@ import json
 import random
 import re
 import shutil
-import tempfile
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,14 +31,21 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qlora_kit.errors import UserError
-from qlora_kit.metrics import human_bytes
+from qlora_kit.files import fsync_tree, sha256_file, staged_dir
 
 CHECKPOINTS = "checkpoints"
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TENSOR = "__tensor__"  # a JSON placeholder {"__tensor__": key} for a tensor stored in safetensors
-# Keys that change the model or the adapter's shape: resuming with another value would load wrong weights.
-INCOMPATIBLE_KEYS = ("model.path", "lora.", "quant.")
+# Recipe keys that may change when a run resumes, because the resumed run honours the new value exactly as a
+# fresh run would: how long to train, what to log, evaluate and keep, memory savers that compute the same
+# numbers. Any other change is refused: the model, adapter or quantization (the weights would not fit), the
+# batches (the count of micro-batches already used would skip other examples), the optimizer and the schedule
+# (their state comes from the checkpoint, so the recipe would claim values the run never used).
+RESUMABLE = {"train.max_steps", "train.epochs", "train.log_every", "train.eval_every", "train.save_every",
+             "train.keep_checkpoints", "train.max_bad_steps", "train.spike_factor", "train.max_grad_norm",
+             "train.merge_after", "train.merge_dtype", "train.gradient_checkpointing", "train.offload_base",
+             "output_dir", "allow_network", "model.trust_remote_code", "data.eval_path", "data.num_proc"}
 
 
 @dataclass
@@ -57,14 +66,25 @@ def checkpoints_dir(output_dir: Path) -> Path:
 
 def is_complete(path: Path) -> bool:
     """True when the marker exists and every file it lists has the size written: a truncated file fails."""
-    marker = path / MARKER
-    if not marker.is_file():
-        return False
+    return _damage(path, checksums=False) is None
+
+
+def _damage(path: Path, checksums: bool) -> str | None:
+    """What is wrong with checkpoint `path` (None: nothing); `checksums` also reads every file to compare."""
     try:
-        sizes = json.loads(marker.read_text())
-        return all((path / name).is_file() and (path / name).stat().st_size == size for name, size in sizes.items())
-    except (OSError, ValueError, AttributeError):
-        return False
+        listed = json.loads((path / MARKER).read_text())
+        for name, record in listed.items():
+            size, digest = record if isinstance(record, list) else (record, None)  # older markers: size only
+            file = path / name
+            if not file.is_file() or file.stat().st_size != size:
+                return f"{name} is missing or has another size than written"
+            if checksums and digest is not None and sha256_file(file) != digest:
+                return f"{name} does not match its checksum"
+    except FileNotFoundError:
+        return f"no {MARKER} marker (an interrupted save)"
+    except (OSError, ValueError, TypeError, AttributeError):
+        return f"its {MARKER} marker is unreadable"
+    return None
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -81,31 +101,62 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve_resume(resume: str | bool, output_dir: Path) -> Path:
-    """`--resume` (the latest checkpoint in output_dir) or `--resume PATH` (a checkpoint or a run directory)."""
+def latest_sound_checkpoint(output_dir: Path) -> Path | None:
+    """The newest checkpoint whose files all match their checksums; damaged newer ones are reported, skipped."""
+    for path in reversed(list_checkpoints(output_dir)):
+        damage = _damage(path, checksums=True)
+        if damage is None:
+            return path
+        print(f"qlora-kit: skipping damaged checkpoint {path}: {damage}", file=sys.stderr)
+    return None
+
+
+def resolve_resume(resume: str | bool, output_dir: Path) -> Path | None:
+    """`--resume` (the newest sound checkpoint in output_dir) or `--resume PATH` (a checkpoint or a run directory).
+
+    None: `--resume` in an output_dir where no step was ever completed (nothing to resume: start afresh)."""
     if resume is True:
-        found = latest_checkpoint(output_dir)
+        found = latest_sound_checkpoint(output_dir)
+        if found is None and not previous_run(output_dir):
+            return None
         if found is None:
-            raise UserError(f"--resume: no complete checkpoint in {checkpoints_dir(output_dir)}")
+            raise UserError(f"--resume: no complete, undamaged checkpoint in {checkpoints_dir(output_dir)}")
         return found
     path = Path(resume)
     if not path.exists():
         raise UserError(f"--resume: {path} does not exist")
-    if is_complete(path):
+    if (path / MARKER).exists():
+        damage = _damage(path, checksums=True)
+        if damage:
+            raise UserError(f"--resume: checkpoint {path} is damaged: {damage}")
         return path
-    found = latest_checkpoint(path)
+    found = latest_sound_checkpoint(path)
     if found is None:
         raise UserError(f"--resume: {path} is neither a complete checkpoint nor a run directory holding one")
     return found
 
 
 def prune(output_dir: Path, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints; remove older ones and leftovers of interrupted saves."""
-    root = checkpoints_dir(output_dir)
+    """Keep the newest `keep` complete checkpoints; remove older ones and leftovers of interrupted saves.
+
+    A checkpoint is renamed to a hidden name before it is deleted, so a deletion cut short (a second signal)
+    leaves a leftover that the next prune removes, not a half-deleted `step-N`."""
     for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    for leftover in root.glob(".step-*.tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+        doomed = old.with_name(f".{old.name}.deleting")
+        old.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    remove_checkpoint_leftovers(output_dir)
+
+
+def remove_checkpoint_leftovers(output_dir: Path) -> None:
+    """Interrupted saves and deletions: hidden `.step-*` directories and `step-N` without a marker. Only the
+    holder of the run's lock calls this, so no live process is writing them."""
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return
+    for path in root.iterdir():
+        if path.name.startswith(".step-") or (_STEP_DIR.match(path.name) and not (path / MARKER).exists()):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------ saving
@@ -116,46 +167,39 @@ def estimate_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * 4 * 3 for p in model.parameters() if p.requires_grad) + (1 << 20)
 
 
-def check_free_space(directory: Path, needed: int) -> None:
-    """Refuse to start a save (or a run) that cannot fit: a full disk mid-save wastes the work since the last one."""
-    directory.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(directory).free
-    if free < needed:
-        raise UserError(f"not enough free disk space in {directory}: a checkpoint needs about {human_bytes(needed)}, "
-                        f"{human_bytes(free)} free; free some space or lower train.keep_checkpoints")
-
-
 def previous_run(output_dir: Path) -> list[str]:
-    """What of an earlier run `output_dir` holds: `train` refuses to overwrite it unless asked."""
-    return [p for p in ("adapter", "metrics.jsonl", CHECKPOINTS) if (Path(output_dir) / p).exists()]
+    """What of an earlier run `output_dir` holds: `train` refuses to overwrite it unless asked. An empty
+    metrics.jsonl (a run stopped before its first step) and an empty checkpoints/ hold nothing to lose."""
+    out = Path(output_dir)
+    found = []
+    if (out / "adapter").exists():
+        found.append("adapter")
+    if (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size:
+        found.append("metrics.jsonl")
+    if checkpoints_dir(out).is_dir() and any(checkpoints_dir(out).iterdir()):
+        found.append(CHECKPOINTS)
+    return found
 
 
 def save_checkpoint(output_dir: Path, state: TrainerState, write_adapter, optimizer: torch.optim.Optimizer,
-                    scheduler, recipe_yaml: str) -> Path:
+                    scheduler, recipe_yaml: str, data_fingerprint: str = "") -> Path:
     """Write checkpoint `step-N` atomically; `write_adapter(dir)` saves the LoRA weights in PEFT format there."""
-    root = checkpoints_dir(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / f"step-{state.step}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}.tmp-"))
-    try:
+    target = checkpoints_dir(output_dir) / f"step-{state.step}"
+    with staged_dir(target) as tmp:
         write_adapter(tmp / "adapter")
         optim_json, optim_tensors = split_tensors(optimizer.state_dict(), "")
         save_file(optim_tensors, tmp / "optimizer.safetensors")
         save_file(rng_tensors(), tmp / "rng.safetensors")
         trainer = {"step": state.step, "epoch": state.epoch, "consumed": state.consumed, "optimizer": optim_json,
                    "scheduler": scheduler.state_dict(),  # LambdaLR stores None for a plain function
-                   "python_rng": _python_rng_to_json(), "numpy_rng": _numpy_rng_to_json()}
+                   "python_rng": _python_rng_to_json(), "numpy_rng": _numpy_rng_to_json(),
+                   "data_fingerprint": data_fingerprint}
         (tmp / "trainer_state.json").write_text(json.dumps(trainer))
         (tmp / "recipe.yaml").write_text(recipe_yaml)
-        sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-        (tmp / MARKER).write_text(json.dumps(sizes, indent=1))
-        tmp.chmod(0o755)
-        if target.exists():  # a re-save of the same step (a resumed run stopped again at once)
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        fsync_tree(tmp)  # the marker must never reach the disk before the files it vouches for
+        files = {str(f.relative_to(tmp)): [f.stat().st_size, sha256_file(f)] for f in sorted(tmp.rglob("*"))
+                 if f.is_file()}
+        (tmp / MARKER).write_text(json.dumps(files, indent=1))
     return target
 
 
@@ -249,11 +293,10 @@ def load_checkpoint(path: Path, load_adapter, optimizer: torch.optim.Optimizer, 
     return TrainerState(trainer["step"], trainer["epoch"], trainer["consumed"])
 
 
-def incompatible_keys(saved: dict[str, Any], ours: dict[str, Any]) -> list[str]:
-    """Recipe keys (flattened, dotted) that differ and would change the model or adapter being trained."""
-    flat_saved, flat_ours = flatten(saved), flatten(ours)
-    keys = sorted(set(flat_saved) | set(flat_ours))
-    return [k for k in keys if k.startswith(INCOMPATIBLE_KEYS) and flat_saved.get(k) != flat_ours.get(k)]
+def unresumable_changes(saved: dict[str, Any], ours: dict[str, Any]) -> list[str]:
+    """Flattened recipe keys whose value differs between a checkpoint and now and that resuming cannot honour."""
+    keys = sorted(set(saved) | set(ours))
+    return [k for k in keys if k not in RESUMABLE and saved.get(k) != ours.get(k)]
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
-from qlora_kit.errors import MergeCheckError, TrainingDiverged, UserError
+from qlora_kit.errors import Failed, UserError
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -91,11 +92,15 @@ def _eval(args: argparse.Namespace) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_for_inference(args.model, device)
     result = evaluate(model, tokenizer, args.data, seq_len=args.seq_len, generate=not args.no_generate)
+    if not math.isfinite(result.loss):
+        raise Failed(f"eval: the loss is {result.loss} on {args.data}: {args.model} computes non-finite values "
+                     "(a damaged adapter or export?)")
     if args.json:
         print(json.dumps({"loss": result.loss, "perplexity": result.perplexity, "exact_match": result.exact_match,
                           "examples": result.examples}))
         return
-    match = "n/a (no answers in raw text)" if result.exact_match is None else f"{result.exact_match:.1%}"
+    match = (f"{result.exact_match:.1%}" if result.exact_match is not None else "skipped (--no-generate)"
+             if args.no_generate else "n/a (text data has no answers to match)")
     print(f"{'examples':<12}{result.examples}\n{'loss':<12}{result.loss:.4f}\n{'perplexity':<12}"
           f"{result.perplexity:.3f}\n{'exact match':<12}{match}")
 
@@ -115,14 +120,31 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.out), args.overrides)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error format: one line, exit 2 (argparse prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"qlora-kit: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qlora-kit", description="QLoRA finetuning on a frozen 4-bit base.")
+    parser = _Parser(prog="qlora-kit", description="QLoRA finetuning on a frozen 4-bit base.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
     commands = parser.add_subparsers(dest="command", required=True)
     # Shared arguments: `--debug` is accepted after the command too; `model` names what generate/eval load.
-    debug = argparse.ArgumentParser(add_help=False)
+    debug = _Parser(add_help=False)
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    model = argparse.ArgumentParser(add_help=False, parents=[debug])
+    model = _Parser(add_help=False, parents=[debug])
     model.add_argument("model", help="adapter directory, model directory, .gguf file or built-in model name")
     train = commands.add_parser("train", parents=[debug],
                                 help="train LoRA adapters from a recipe")
@@ -133,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue from the latest checkpoint in output_dir, or from PATH (a checkpoint or run)")
     train.add_argument("--dry-run", action="store_true",
                        help="check the recipe, data and model config and print the plan; load no weights")
-    train.add_argument("--fsdp", type=int, default=1, metavar="N", help=argparse.SUPPRESS)
+    train.add_argument("--fsdp", type=_positive_int, default=1, metavar="N", help=argparse.SUPPRESS)
     train.add_argument("--fsdp-offload", action="store_true", help=argparse.SUPPRESS)
     train.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help=argparse.SUPPRESS)
     train.set_defaults(func=_train)
@@ -144,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     est.add_argument("--gpu-memory", metavar="SIZE", help="memory to fit in, e.g. 24GiB (default: this GPU's)")
     est.add_argument("--model-config", metavar="PATH", help="the model's config.json (or its directory)")
-    est.add_argument("--fsdp", type=int, default=1, metavar="N", help="FSDP processes sharding the model")
+    est.add_argument("--fsdp", type=_positive_int, default=1, metavar="N", help="FSDP processes sharding the model")
     est.add_argument("--fsdp-offload", action="store_true", help="FSDP keeps the shards in CPU memory")
     est.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                      help="cuda: bf16 compute, CUDA context; cpu: fp32 compute, process memory")
@@ -166,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", parents=[model],
                               help="generate text with a model or adapter (chat template applied)")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=256)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--cpu-bf16-kernel", action="store_true",
                      help="on a CPU with AVX512-BF16, compute the 4-bit layers with bitsandbytes' bf16 kernel: "
@@ -176,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("eval", parents=[model],
                              help="loss, perplexity and exact match of a model or adapter on a dataset")
     ev.add_argument("--data", required=True, help="a data file or folder in any format `train` reads")
-    ev.add_argument("--seq-len", type=int, default=2048)
+    ev.add_argument("--seq-len", type=_positive_int, default=2048)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument("--no-generate", action="store_true", help="loss only, skip exact match")
     ev.set_defaults(func=_eval)
@@ -225,9 +247,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"qlora-kit: error: {e}", file=sys.stderr)
         return 2
-    except (MergeCheckError, TrainingDiverged) as e:  # not a user mistake and not a crash: one line, exit 1
+    except Failed as e:  # not a user mistake and not a crash: one line, exit 1
         if args.debug:
             raise
         print(f"qlora-kit: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C outside training (which saves and exits 0 itself): nothing to clean up
+        if args.debug:
+            raise
+        print("qlora-kit: interrupted", file=sys.stderr)
+        return 130
     return 0

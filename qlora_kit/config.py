@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import reprlib
 import types
 import typing
 from collections.abc import Callable
@@ -189,8 +190,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise UserError(f"command line: override {item!r} is not of the form key=value (e.g. train.lr=1e-4)")
-        values[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+            raise UserError(f"command line: override {short(item)} is not of the form key=value (e.g. train.lr=1e-4)")
+        values[key.strip()] = _parse_value(raw, key.strip()) if raw.strip() else ""
         where[key.strip()] = "command line"
     recipe = Recipe()
     for key, value in values.items():
@@ -199,42 +200,111 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     return recipe
 
 
+def _parse_value(raw: str, key: str) -> Any:
+    """A command-line value, read as YAML (`1e-4`, `[q_proj, v_proj]`, `true`)."""
+    try:
+        node = yaml.compose(raw)
+    except yaml.YAMLError as e:
+        raise UserError(f"command line: the value of '{key}' is not valid YAML ({getattr(e, 'problem', e)}); "
+                        "quote it if it is text") from None
+    _check_size(node, "command line")
+    return yaml.safe_load(raw)
+
+
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """Flatten a YAML file into dotted keys, remembering `file:line` of each for error messages."""
     if not path.is_file():
         raise UserError(f"recipe file not found: {path}")
-    text = path.read_text()
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text") from None
     try:
         root = yaml.compose(text)
-        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise UserError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
-    if data is None:
+    if root is None:
         return {}, {}
-    if not isinstance(data, dict):
+    if not isinstance(root, yaml.MappingNode):
         raise UserError(f"{path}:1: a recipe must be a mapping of keys to values")
+    _check_size(root, str(path))
     values: dict[str, Any] = {}
     where: dict[str, str] = {}
 
-    def walk(node: yaml.Node, obj: dict, prefix: str) -> None:
+    def walk(node: yaml.MappingNode, prefix: str) -> None:
+        seen: dict[str, int] = {}
         for key_node, value_node in node.value:
+            line = key_node.start_mark.line + 1
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise UserError(f"{path}:{line}: YAML merge keys (<<) are not supported in recipes; write the keys "
+                                "out")
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != "tag:yaml.org,2002:str":
+                raise UserError(f"{path}:{line}: recipe keys are names, got {short(key_node.value)}")
             key = f"{prefix}{key_node.value}"
-            value = obj[key_node.value]
-            if isinstance(value, dict) and _is_section(key):
-                walk(value_node, value, key + ".")
+            if key_node.value in seen:
+                raise UserError(f"{path}:{line}: '{key}' is given twice (also on line {seen[key_node.value]})")
+            seen[key_node.value] = line
+            if isinstance(value_node, yaml.MappingNode) and _is_section(key):
+                walk(value_node, key + ".")
             else:
-                values[key] = value
-                where[key] = f"{path}:{key_node.start_mark.line + 1}"
+                values[key] = _construct(value_node, path)
+                where[key] = f"{path}:{line}"
 
-    walk(root, data, "")
+    walk(root, "")
     return values, where
+
+
+def _construct(node: yaml.Node, path: Path) -> Any:
+    """A composed YAML node's value, with safe_load's rules (tags, types)."""
+    loader = yaml.SafeLoader("")
+    try:
+        return loader.construct_object(node, deep=True)
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}:{node.start_mark.line + 1}: invalid YAML: {getattr(e, 'problem', e)}") from None
+
+
+# Aliases (*name) make YAML a graph: a few hundred bytes can describe billions of values once expanded.
+MAX_YAML_VALUES = 10_000
+
+
+def _check_size(root: yaml.Node, where: str) -> None:
+    """Refuse a document whose values, with every alias expanded, number more than MAX_YAML_VALUES."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        if id(node) not in sizes:
+            sizes[id(node)] = 0  # a node that refers to itself counts once
+            children = (node.value if isinstance(node, yaml.SequenceNode) else
+                        [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+            sizes[id(node)] = min(1 + sum(size(child) for child in children), MAX_YAML_VALUES + 1)
+        return sizes[id(node)]
+
+    if size(root) > MAX_YAML_VALUES:
+        raise UserError(f"{where}: the YAML expands (aliases included) to more than {MAX_YAML_VALUES:,} values; a "
+                        "recipe needs far fewer")
+
+
+def short(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to about `limit` characters: error messages stay one readable line whatever the input."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 60, 60, 2, 4, 4
 
 
 def _is_section(key: str) -> bool:
     return any(f.name == key and dataclasses.is_dataclass(f.default_factory) for f in dataclasses.fields(Recipe)
                if f.default_factory is not dataclasses.MISSING)
+
+
+def valid_section_key(section: str) -> str:
+    return next(k for k in valid_keys() if k.startswith(section + ".")).partition(".")[2]
 
 
 def valid_keys() -> list[str]:
@@ -265,6 +335,8 @@ def closest_key(key: str) -> str | None:
 
 
 def _set(recipe: Recipe, key: str, value: Any, where: str) -> None:
+    if _is_section(key):
+        raise UserError(f"{where}: '{key}' is a section: give it keys, e.g. {key}: {{{valid_section_key(key)}: ...}}")
     if key not in valid_keys():
         close = closest_key(key)
         hint = f"; did you mean '{close}'?" if close else f"; valid keys: {', '.join(valid_keys())}"
@@ -294,13 +366,13 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
                 return _coerce(value, arg, key, where)
             except UserError:
                 pass
-        raise UserError(f"{where}: '{key}' must be {_type_name(hint)}, got {value!r}")
+        raise UserError(f"{where}: '{key}' must be {_type_name(hint)}, got {short(value)}")
     if origin is list:
         (item,) = typing.get_args(hint)
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
-            raise UserError(f"{where}: '{key}' must be a list, got {value!r}")
+            raise UserError(f"{where}: '{key}' must be a list, got {short(value)}")
         return [_coerce(v, item, key, where) for v in value]
     if hint is bool:
         if isinstance(value, bool):
@@ -318,7 +390,7 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
     elif hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-    raise UserError(f"{where}: '{key}' must be {_type_name(hint)}, got {value!r}")
+    raise UserError(f"{where}: '{key}' must be {_type_name(hint)}, got {short(value)}")
 
 
 def _number(value: Any) -> float | None:
@@ -396,6 +468,7 @@ def validate(recipe: Recipe, where: dict[str, str] | None = None) -> None:
     check(q.storage_dtype in STORAGE_DTYPES, "quant.storage_dtype",
           f"must be one of {', '.join(STORAGE_DTYPES)}, got {q.storage_dtype!r}")
     check(bool(recipe.model.path), "model.path", "must be set")
+    check(0 <= recipe.seed < 2**32, "seed", f"must be in [0, 2**32 - 1] (numpy's range), got {recipe.seed}")
     validate_data(recipe.data, check)
     check(t.eval_every >= 0, "train.eval_every", f"must be >= 0 (0 = evaluate at the end only), got {t.eval_every}")
     check(not t.eval_every or bool(recipe.data.eval_path or recipe.data.eval_fraction), "train.eval_every",

@@ -14,6 +14,7 @@ template, length); the first problem is raised as one line, `file:line: problem`
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import sys
@@ -28,6 +29,7 @@ from typing import Any
 import datasets
 from datasets import Dataset, Features, List, Value
 from datasets.exceptions import DatasetGenerationError
+from datasets.fingerprint import Hasher
 from transformers import PreTrainedTokenizerBase
 
 from qlora_kit.config import DataConfig
@@ -43,6 +45,10 @@ FEATURES = {"prompt_completion": {"prompt": _TEXT, "completion": _TEXT},
 # Tried in this order, so a row with `messages` and `text` (common in chat dumps) is read as chat.
 _DETECTION_ORDER = ("chat", "alpaca", "prompt_completion", "text")
 _OPTIONAL = {"input"}  # alpaca's input may be missing, null or empty
+# The code that reads, checks and encodes rows is part of every cache key: `datasets` hashes a function by its
+# name, not its code, so without this a new qlora-kit release would reuse tokenisations made by an older one.
+_CODE_VERSION = hashlib.sha256(b"".join(Path(__file__).with_name(name).read_bytes()
+                                        for name in ("data.py", "formats.py", "sources.py"))).hexdigest()
 _ROWS_PER_PROCESS = 10_000  # starting a tokenising process costs ~1 s: small files are tokenised in-process
 
 
@@ -112,7 +118,8 @@ def _load_examples(path: str, tokenizer: PreTrainedTokenizerBase, seq_len: int, 
     num_proc = cfg.num_proc or min(os.cpu_count() or 1, len(rows) // _ROWS_PER_PROCESS)
     encoded = rows.map(partial(encode_batch, tokenizer=tokenizer, encoding=encoding), batched=True,
                        num_proc=num_proc if num_proc > 1 else None, remove_columns=list(FEATURES[fmt]),
-                       desc=f"tokenising {path}")
+                       desc=f"tokenising {path}",
+                       new_fingerprint=Hasher.hash([rows._fingerprint, tokenizer, encoding, _CODE_VERSION]))
     fates = Counter(encoded["fate"])
     if fates["bad"] and not cfg.skip_bad_rows:
         _raise_first_problem(encoded, fates["bad"])
@@ -126,7 +133,8 @@ def _load_examples(path: str, tokenizer: PreTrainedTokenizerBase, seq_len: int, 
 def _rows_dataset(sources: list[str], fmt: str, columns: dict[str, str], cache_dir: str) -> Dataset:
     """The checked rows as an Arrow dataset in `cache_dir`, re-read only when a file or setting changed."""
     features = Features({**FEATURES[fmt], "_where": _TEXT, "_problem": _TEXT})
-    kwargs = {"sources": sources, "stamps": [stamp(s) for s in sources], "fmt": fmt, "columns": columns}
+    kwargs = {"sources": sources, "stamps": [stamp(s) for s in sources], "fmt": fmt, "columns": columns,
+              "code": _CODE_VERSION}
     try:
         return Dataset.from_generator(checked_rows, features=features, gen_kwargs=kwargs, cache_dir=cache_dir)
     except DatasetGenerationError as e:  # a reader's UserError, raised inside the datasets builder
@@ -179,11 +187,11 @@ def detect_format(row: Any, cfg: DataConfig, where: str) -> str:
                     "and the data.*_column keys")
 
 
-def checked_rows(sources: list[str], stamps: list[tuple[int, int]], fmt: str,
-                 columns: dict[str, str]) -> Iterator[dict[str, Any]]:
+def checked_rows(sources: list[str], stamps: list[tuple[int, int]], fmt: str, columns: dict[str, str],
+                 code: str = "") -> Iterator[dict[str, Any]]:
     """Every row under the standard field names, with `_where` and `_problem` (None when fine).
 
-    `datasets.Dataset.from_generator` runs this; `stamps` is unused here but is part of its cache key.
+    `datasets.Dataset.from_generator` runs this; `stamps` and `code` are unused here but are part of its cache key.
     """
     for source in sources:
         for where, row, problem in read_rows(source):

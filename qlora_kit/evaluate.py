@@ -73,6 +73,6 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data_pa
     model.eval()
     loss = token_loss(model, examples, tokenizer.pad_token_id)
     match, samples = None, []
-    if generate and examples.format != "text":
+    if generate and examples.format != "text" and math.isfinite(loss):  # a broken model's outputs mean nothing
         match, samples = exact_match(model, tokenizer, examples)
     return EvalResult(loss, math.exp(min(loss, 700)), match, len(examples.dataset), samples[:3])

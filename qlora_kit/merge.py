@@ -15,23 +15,24 @@ enough, the exported model's logits against the adapter on the 4-bit base; `merg
 from __future__ import annotations
 
 import json
+import math
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from qlora_kit import adapter as adapter_io
 from qlora_kit.config import QuantConfig
 from qlora_kit.errors import MergeCheckError, UserError
+from qlora_kit.files import check_free_space, exclusive, remove_leftovers, staged_dir
 from qlora_kit.inference import load_adapter_model
 from qlora_kit.metrics import peak_memory_bytes, return_large_frees_to_os
-from qlora_kit.model import checkpoint_files, meta_model, quantizable_linears, quantize_roundtrip
+from qlora_kit.model import checkpoint_files, linear_shapes, meta_model, quantize_roundtrip
 from qlora_kit.zoo import resolve_model_path
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -74,27 +75,20 @@ class MergeReport:
 
 
 def plan_merge(adapter_dir: Path, model_path: str | None = None) -> MergePlan:
-    config = adapter_io.read_adapter_config(adapter_dir)
-    meta = adapter_io.read_training_metadata(adapter_dir)
-    base_path = resolve_model_path(model_path or meta.get("model_path") or config["base_model_name_or_path"])
-    r, alpha = config["r"], config["lora_alpha"]
-    scale = alpha / r**0.5 if config.get("use_rslora") else alpha / r
-    weights = load_file(Path(adapter_dir) / adapter_io.WEIGHTS_NAME)
-    loras = {}
-    for key, a in weights.items():
-        if ".lora_A." in key:
-            module = key.removeprefix(adapter_io.PEFT_PREFIX).split(".lora_A.")[0]
-            loras[module] = (a, weights[key.replace(".lora_A.", ".lora_B.")])
-    quant = QuantConfig(**meta.get("quant", {}))
-    compute = meta.get("compute_dtype", "float32" if quant.compute_dtype == "auto" else quant.compute_dtype)
-    device = torch.device(meta.get("quant_device", "cpu"))
+    """Read and check the adapter against its base's shapes (the base's config only: no weights are read)."""
+    adapter = adapter_io.read_adapter(adapter_dir)
+    base_path = resolve_model_path(adapter.base_path(model_path))
+    quant = adapter.quant()
+    compute = adapter.metadata.get("compute_dtype", "float32" if quant.compute_dtype == "auto" else quant.compute_dtype)
+    if compute not in DTYPES:
+        raise UserError(f"{adapter.path / adapter_io.METADATA_NAME}: unknown compute_dtype {compute!r}")
+    device = torch.device("cuda" if adapter.metadata.get("quant_device") == "cuda" else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         device = torch.device("cpu")  # same algorithm; bit-identity with a GPU-trained run is then not promised
-    quantized = set(quantizable_linears(meta_model(base_path)))
-    unknown = sorted(set(loras) - quantized)
-    if unknown:
-        raise UserError(f"{adapter_dir}: adapter targets {unknown[0]}, which is not a linear layer of {base_path}")
-    return MergePlan(base_path, Path(adapter_dir), loras, scale, quantized, quant, getattr(torch, compute), device)
+    linears = linear_shapes(meta_model(base_path))
+    adapter.check_fits(linears, str(base_path))
+    return MergePlan(base_path, adapter.path, adapter.pairs, adapter.scale, set(linears), quant, DTYPES[compute],
+                     device)
 
 
 def merge(adapter_dir: Path, out_dir: Path, dtype: str = "float16", base: str = "dequantized",
@@ -107,29 +101,43 @@ def merge(adapter_dir: Path, out_dir: Path, dtype: str = "float16", base: str = 
     if out_dir.exists() and not overwrite:
         raise UserError(f"--out: {out_dir} already exists; pass --overwrite to replace it")
     plan = plan_merge(Path(adapter_dir), model_path)
-    _check_disk_space(plan.base_path, out_dir, out_dtype)
-    report = MergeReport(dtype=dtype, base=base)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
-        _write_weights(plan, tmp, out_dtype, base, report, check, max_shard_bytes)
-        _write_config_and_tokenizer(plan.base_path, tmp, dtype)
-        if check and base == "dequantized" and _checkpoint_bytes(plan.base_path) <= logit_check_max_bytes:
-            _check_logits(plan, tmp, out_dtype, report)
-        report.seconds = time.perf_counter() - start
-        report.peak_mem_bytes = peak_memory_bytes(torch.device("cpu"))
-        (tmp / "merge_report.json").write_text(json.dumps(report.__dict__, indent=2) + "\n")
-        if not report.passed:
-            rejected = out_dir.with_name(out_dir.name + ".rejected")
-            shutil.rmtree(rejected, ignore_errors=True)
-            tmp.rename(rejected)
-            raise MergeCheckError(f"merge parity check failed ({'; '.join(report.failures[:3])}); the rejected "
-                                  f"export and its report are in {rejected}")
-        adapter_io.publish_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    check_out_dir(out_dir, plan)
+    with exclusive(out_dir, "--out"):
+        remove_leftovers(out_dir)
+        check_free_space(out_dir.parent, _export_bytes(plan.base_path, out_dtype), "the export")
+        report = MergeReport(dtype=dtype, base=base)
+        with staged_dir(out_dir) as tmp:
+            _write_weights(plan, tmp, out_dtype, base, report, check, max_shard_bytes)
+            _write_config_and_tokenizer(plan.base_path, tmp, dtype)
+            if check and base == "dequantized" and _checkpoint_bytes(plan.base_path) <= logit_check_max_bytes:
+                _check_logits(plan, tmp, out_dtype, report)
+            report.seconds = time.perf_counter() - start
+            report.peak_mem_bytes = peak_memory_bytes(torch.device("cpu"))
+            (tmp / "merge_report.json").write_text(json.dumps(report.__dict__, indent=2) + "\n")
+            if not report.passed:
+                rejected = out_dir.with_name(out_dir.name + ".rejected")
+                shutil.rmtree(rejected, ignore_errors=True)
+                tmp.rename(rejected)
+                raise MergeCheckError(f"merge parity check failed ({'; '.join(report.failures[:3])}); the rejected "
+                                      f"export and its report are in {rejected}")
     return report
+
+
+def check_out_dir(out_dir: Path, plan: MergePlan) -> None:
+    """Refuse an export that would replace or sit in what it is made from: the base model, the adapter, or
+    the run that holds the adapter (its checkpoints, metrics). Inside the run is fine (`train.merge_after`
+    writes `output_dir/merged`), as long as nothing of it is replaced."""
+    out = out_dir.resolve()
+    inputs = {"the base model": plan.base_path.resolve(), "the adapter": plan.adapter_dir.resolve()}
+    run = next((d for d in plan.adapter_dir.resolve().parents
+                if (d / "metrics.jsonl").is_file() or (d / "checkpoints").is_dir()), None)
+    if run is not None:
+        inputs["the run that holds the adapter"] = run
+    for what, path in inputs.items():
+        if out == path or out in path.parents:
+            raise UserError(f"--out: {out_dir} would replace {what} ({path}); choose another directory")
+        if path in out.parents and what != "the run that holds the adapter":
+            raise UserError(f"--out: {out_dir} lies inside {what} ({path}); choose another directory")
 
 
 def _write_weights(plan: MergePlan, out: Path, out_dtype: torch.dtype, base: str, report: MergeReport,
@@ -253,19 +261,11 @@ def _write_config_and_tokenizer(base_path: Path, out: Path, dtype: str) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _check_disk_space(base_path: Path, out_dir: Path, out_dtype: torch.dtype) -> None:
-    """Estimate the export's size from the base's tensors and refuse to start when it cannot fit."""
+def _export_bytes(base_path: Path, out_dtype: torch.dtype) -> int:
+    """The export's size, from the base's tensor shapes (headers only), with 5% to spare."""
     needed = 0
     for file in checkpoint_files(base_path):
         with safe_open(base_path / file, framework="pt", device="cpu") as f:
             for name in f.keys():
-                s = f.get_slice(name)
-                numel = 1
-                for d in s.get_shape():
-                    numel *= d
-                needed += numel * out_dtype.itemsize
-    parent = next(p for p in [out_dir, *out_dir.parents] if p.exists())
-    free = shutil.disk_usage(parent).free
-    if free < needed * 1.05:
-        raise UserError(f"--out: {parent} has {free / 2**30:.1f} GiB free, the export needs about "
-                        f"{needed / 2**30:.1f} GiB")
+                needed += math.prod(f.get_slice(name).get_shape()) * out_dtype.itemsize
+    return int(needed * 1.05)

@@ -32,6 +32,20 @@ def peak_memory_bytes(device: torch.device) -> int:
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
 
 
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation can still get: free GPU memory, or MemAvailable on Linux; None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def return_large_frees_to_os() -> None:
     """Have glibc serve allocations of 1 MiB and more with mmap, so freeing them gives the memory back at once.
 

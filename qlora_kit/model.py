@@ -20,7 +20,14 @@ import torch
 from accelerate import init_empty_weights
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from qlora_kit.attention import use_segment_attention
 from qlora_kit.config import QuantConfig
@@ -129,9 +136,18 @@ def use_cpu_bf16_kernel(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = True
 
 
+def load_config(path: Path, trust_remote_code: bool = False) -> PretrainedConfig:
+    """`path`'s config.json; one a transformers release does not know is the user's to fix, not a crash."""
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}/config.json: transformers cannot build this model ({first[:200]})") from None
+
+
 def meta_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> PreTrainedModel:
     """The model of `path`'s config.json with parameters on the meta device (no memory, no weights read)."""
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config = load_config(path, trust_remote_code)
     config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     with init_empty_weights(include_buffers=False):  # params on meta; buffers (rotary freqs) computed for real
         return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa",
@@ -152,6 +168,12 @@ def quantizable_linears(model: nn.Module) -> list[str]:
     """Names of the linear layers that get quantized: all of them but the output head (kept in 16 bits)."""
     head = model.get_output_embeddings()
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+
+
+def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """(d_in, d_out) of each linear that gets quantized (and may get LoRA), by name; works on meta models too."""
+    names = set(quantizable_linears(model))
+    return {n: (m.in_features, m.out_features) for n, m in model.named_modules() if n in names}
 
 
 def checkpoint_files(path: Path) -> list[str]:

@@ -10,6 +10,7 @@ problem with the whole file (unreadable, binary, a broken JSON array) raises `Us
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_kit.errors import UserError
+from qlora_kit.files import sha256_file
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 Row = tuple[str, Any, str | None]  # (where, row, problem)
@@ -59,6 +61,18 @@ def _check_readable(path: Path) -> None:
         raise UserError(f"{path}:{line}: binary data, not a {path.suffix} text file")
 
 
+def fingerprint(path: str, allow_network: bool = False) -> str:
+    """sha256 over the names and contents of `data.path`'s files (a hub dataset: its name), so a resumed run can
+    tell whether it trains on the data its checkpoint was trained on. Content, not modification times: copying
+    or touching the files changes nothing."""
+    digest = hashlib.sha256()
+    for source in data_sources(path, allow_network, "data.path"):
+        digest.update(Path(source).name.encode() + b"\0")
+        if Path(source).is_file():
+            digest.update(sha256_file(Path(source)).encode())
+    return digest.hexdigest()
+
+
 def stamp(source: str) -> tuple[int, int]:
     """Size and modification time: part of the cache key, so an edited file is read again."""
     if not Path(source).is_file():
@@ -90,6 +104,8 @@ def _jsonl_rows(path: Path) -> Iterator[Row]:
                 row, problem = json.loads(line), None
             except json.JSONDecodeError as e:
                 row, problem = None, f"malformed JSON: {e.msg} (column {e.colno})"
+            except RecursionError:
+                row, problem = None, "JSON nested too deeply to read"
             yield f"{path}:{n}", row, problem
 
 
@@ -110,6 +126,8 @@ def _json_array_rows(path: Path) -> Iterator[Row]:
             row, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+        except RecursionError:
+            raise UserError(f"{path}:{bisect_left(newlines, pos) + 1}: JSON nested too deeply to read") from None
         yield f"{path}:{bisect_left(newlines, pos) + 1}", row, None
         pos = space.match(text, end).end()
         if text.startswith(",", pos):

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -34,16 +35,18 @@ from qlora_kit.config import Recipe, save_recipe, to_dict
 from qlora_kit.data import load_data
 from qlora_kit.distributed import check_fsdp
 from qlora_kit.errors import UserError
+from qlora_kit.files import check_free_space, exclusive
 from qlora_kit.formats import IGNORE
 from qlora_kit.fused import checkpoint_contexts
 from qlora_kit.lora import add_lora, is_lora, select_targets
 from qlora_kit.loss import token_loss_sum
-from qlora_kit.metrics import MetricsLog, human_bytes, peak_memory_bytes
-from qlora_kit.model import LoadedModel, load_quantized, load_tokenizer, quantizable_linears
+from qlora_kit.metrics import MetricsLog, available_memory_bytes, human_bytes, peak_memory_bytes
+from qlora_kit.model import LoadedModel, linear_shapes, load_quantized, load_tokenizer, quantizable_linears
 from qlora_kit.offload import OffloadedLayers, decoder_layers
 from qlora_kit.optim import build_optimizer, build_scheduler
 from qlora_kit.preemption import Preemption
 from qlora_kit.report import draw_report, open_tensorboard, write_tensorboard
+from qlora_kit.sources import fingerprint
 from qlora_kit.watchdog import Watchdog
 from qlora_kit.zoo import resolve_model_path
 
@@ -78,6 +81,7 @@ def build_model(recipe: Recipe, device: torch.device, model_dir: Path | None = N
     # LoRA weights train in bf16 on bf16 GPUs; fp16 weights are too coarse for Adam updates, so fp32 otherwise.
     lora_dtype = torch.bfloat16 if loaded.compute_dtype == torch.bfloat16 else torch.float32
     lora = recipe.lora
+    check_lora_fits(loaded.model, targets, lora.r, lora_dtype, device)
     add_lora(loaded.model, targets, lora.r, lora.alpha, lora.dropout, lora.use_rslora, lora_dtype)
     if recipe.model.adapter:
         check_adapter_matches(recipe, Path(recipe.model.adapter), candidates, targets)
@@ -85,6 +89,19 @@ def build_model(recipe: Recipe, device: torch.device, model_dir: Path | None = N
     if recipe.train.offload_base:  # from here on, each layer's 4-bit weights visit `device` only while it runs
         OffloadedLayers(decoder_layers(loaded.model), device)
     return loaded, targets, candidates
+
+
+def check_lora_fits(model: torch.nn.Module, targets: list[str], r: int, dtype: torch.dtype,
+                    device: torch.device) -> None:
+    """Refuse a rank whose LoRA weights, gradients and two fp32 Adam states cannot fit in the memory left,
+    before allocating them: `lora.r=1e9` is a typo to report, not an out-of-memory crash minutes later."""
+    shapes = linear_shapes(model)
+    params = sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
+    needed = params * (2 * dtype.itemsize + 8)
+    available = available_memory_bytes(device)
+    if available is not None and needed > available:
+        raise UserError(f"'lora.r': {r} needs {human_bytes(needed)} for the LoRA weights, their gradients and the "
+                        f"optimizer's state ({params:,} parameters); {human_bytes(available)} of memory is free")
 
 
 def check_adapter_matches(recipe: Recipe, adapter_dir: Path, candidates: list[str], targets: list[str]) -> None:
@@ -100,27 +117,41 @@ def check_adapter_matches(recipe: Recipe, adapter_dir: Path, candidates: list[st
 
 
 def train(recipe: Recipe, overwrite: bool = False, resume: str | bool | None = None) -> TrainResult:
-    """Train; with `resume` (True: the latest checkpoint in output_dir, or a path) continue a stopped run exactly."""
-    # ---- setup: process group and device, seed, the checkpoint to resume from
+    """Train; with `resume` (True: the latest checkpoint in output_dir, or a path) continue a stopped run exactly.
+
+    The main process holds output_dir's lock for the whole run: a second run into it is refused at once."""
     # cpu=True without a GPU: Accelerate then forms a gloo process group under torchrun (it would not otherwise)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    out = Path(recipe.output_dir)
+    check_output_dir(out)
+    with exclusive(out, "'output_dir'") if accelerator.is_main_process else contextlib.nullcontext():
+        return _train(recipe, accelerator, overwrite, resume)
+
+
+def _train(recipe: Recipe, accelerator: Accelerator, overwrite: bool, resume: str | bool | None) -> TrainResult:
+    # ---- setup: seed, the checkpoint to resume from
     main = accelerator.is_main_process
     out = Path(recipe.output_dir)
     set_seed(recipe.seed)
     t = recipe.train
+    if main:
+        ckpt.remove_checkpoint_leftovers(out)
     resume_from = ckpt.resolve_resume(resume, out) if resume else None
+    if resume and resume_from is None and main:
+        print(f"resume: {out} holds no completed step yet; starting from step 0", file=sys.stderr)
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     if fsdp and (t.save_every or resume_from):  # the optimizer state is sharded: rank 0's part cannot resume a run
         raise UserError("FSDP: checkpoints are not supported yet (train.save_every must be 0, no --resume); the "
                         "final adapter is saved")
-    if resume_from:
-        check_resumable(recipe, resume_from)
 
     # ---- data: read, check and tokenise every row before anything is written, so bad data fails fast
     model_dir = resolve_model_path(recipe.model.path, recipe.allow_network)
     tokenizer = load_tokenizer(model_dir, recipe.model.trust_remote_code)
     with accelerator.main_process_first():  # the others then read rank 0's tokenisation from the cache
         train_data, eval_data = load_data(recipe.data, tokenizer, t.seq_len, recipe.seed, recipe.allow_network)
+    data_fingerprint = fingerprint(recipe.data.path, recipe.allow_network)
+    if resume_from:
+        check_resumable(recipe, resume_from, data_fingerprint)
     if main:
         print(f"data: {train_data.summary()}" + (f"; eval: {eval_data.summary()}" if eval_data else ""),
               file=sys.stderr)
@@ -151,12 +182,14 @@ def train(recipe: Recipe, overwrite: bool = False, resume: str | bool | None = N
     write_adapter = partial(save_run_adapter, recipe, loaded, unwrapped, targets, candidates)
     checkpoint_bytes = ckpt.estimate_bytes(unwrapped)
     if main:  # a checkpoint and the final adapter must fit; better to know now than after hours of training
-        ckpt.check_free_space(out, 2 * checkpoint_bytes)
+        check_free_space(out, 2 * checkpoint_bytes, "a checkpoint and the adapter")
     # Restored last: building the model drew random numbers (LoRA init) that the checkpoint's RNG state replaces.
     state = TrainerState(0, 0, 0)
     if resume_from:
         state = ckpt.load_checkpoint(resume_from, partial(adapter_io.load_adapter_weights, unwrapped), optimizer,
                                      scheduler)
+        if state.step >= total_steps:
+            return already_finished(recipe, state.step, total_steps, resume_from, accelerator, unwrapped)
         if main:
             print(f"resuming from {resume_from} (step {state.step} of {total_steps})", file=sys.stderr)
 
@@ -216,7 +249,8 @@ def train(recipe: Recipe, overwrite: bool = False, resume: str | bool | None = N
             if not fsdp and ((good and (step == total_steps or (t.save_every and step % t.save_every == 0)))
                              or stop):
                 last_checkpoint = save_checkpoint(recipe, TrainerState(step, epoch, consumed), write_adapter,
-                                                  optimizer, scheduler, accelerator, checkpoint_bytes)
+                                                  optimizer, scheduler, accelerator, checkpoint_bytes,
+                                                  data_fingerprint)
             if stop:
                 break
     bar.close()
@@ -258,29 +292,51 @@ def train(recipe: Recipe, overwrite: bool = False, resume: str | bool | None = N
                        last_checkpoint)
 
 
-def check_resumable(recipe: Recipe, checkpoint: Path) -> None:
-    """Refuse a checkpoint trained with another model, adapter shape or quantization: its weights would not fit."""
+def check_resumable(recipe: Recipe, checkpoint: Path, data_fingerprint: str) -> None:
+    """Refuse to resume with settings the checkpoint cannot honour (see `checkpoint.RESUMABLE`) or other data."""
     saved = yaml.safe_load((checkpoint / "recipe.yaml").read_text())
-    differ = ckpt.incompatible_keys(saved, to_dict(recipe))
+    flat_saved, flat_ours = ckpt.flatten(saved), ckpt.flatten(to_dict(recipe))
+    differ = ckpt.unresumable_changes(flat_saved, flat_ours)
     if differ:
-        flat_saved, flat_ours = ckpt.flatten(saved), ckpt.flatten(to_dict(recipe))
-        details = "; ".join(f"{k} (checkpoint {flat_saved.get(k)!r}, recipe {flat_ours.get(k)!r})" for k in differ)
-        raise UserError(f"--resume: {checkpoint} was trained with another recipe: {details}")
+        details = "; ".join(f"{k} (checkpoint {flat_saved.get(k)!r}, now {flat_ours.get(k)!r})" for k in differ)
+        raise UserError(f"--resume: {checkpoint} was trained with other settings, which resuming cannot honour: "
+                        f"{details}. Set them back, or start a new run from its adapter "
+                        f"(model.adapter={checkpoint / 'adapter'})")
+    saved_fingerprint = json.loads((checkpoint / "trainer_state.json").read_text()).get("data_fingerprint")
+    if saved_fingerprint and saved_fingerprint != data_fingerprint:
+        raise UserError(f"--resume: the training data ({recipe.data.path}) changed since {checkpoint} was saved, so "
+                        "the batches already trained on cannot be skipped; restore the data, or start a new run from "
+                        f"its adapter (model.adapter={checkpoint / 'adapter'})")
 
 
 def save_checkpoint(recipe: Recipe, state: TrainerState, write_adapter, optimizer, scheduler,
-                    accelerator: Accelerator, checkpoint_bytes: int) -> Path:
+                    accelerator: Accelerator, checkpoint_bytes: int, data_fingerprint: str) -> Path:
     """Rank 0 writes the checkpoint (after a free-space check) and prunes old ones; every rank gets its path."""
     out = Path(recipe.output_dir)
     accelerator.wait_for_everyone()
     path = ckpt.checkpoints_dir(out) / f"step-{state.step}"
     if accelerator.is_main_process:
-        ckpt.check_free_space(ckpt.checkpoints_dir(out), checkpoint_bytes)
+        check_free_space(ckpt.checkpoints_dir(out), checkpoint_bytes, "a checkpoint")
         path = ckpt.save_checkpoint(out, state, write_adapter, optimizer, scheduler,
-                                    yaml.safe_dump(to_dict(recipe), sort_keys=False))
+                                    yaml.safe_dump(to_dict(recipe), sort_keys=False), data_fingerprint)
         ckpt.prune(out, recipe.train.keep_checkpoints)
     accelerator.wait_for_everyone()
     return path
+
+
+def already_finished(recipe: Recipe, step: int, total_steps: int, checkpoint: Path, accelerator: Accelerator,
+                     model: torch.nn.Module) -> TrainResult:
+    """`--resume` of a run that reached its last step: nothing to train; say how to train further."""
+    records = [json.loads(line) for line in (Path(recipe.output_dir) / "metrics.jsonl").read_text().splitlines()
+               if line.strip()] if (Path(recipe.output_dir) / "metrics.jsonl").is_file() else []
+    loss = next((r["loss"] for r in reversed(records) if r.get("step") == step), float("nan"))
+    if accelerator.is_main_process:
+        print(f"resume: {checkpoint} is step {step} of {total_steps}: the run is already complete (final loss "
+              f"{loss:.4f}); raise train.max_steps or train.epochs to train further", file=sys.stderr)
+    accelerator.end_training()
+    adapter = Path(recipe.output_dir) / "adapter"
+    return TrainResult(step, 0.0, 0, peak_memory_bytes(accelerator.device),
+                       adapter if adapter.is_dir() else checkpoint / "adapter", loss, model, None, checkpoint)
 
 
 def stopped_early(recipe: Recipe, step: int, total_steps: int, checkpoint: Path | None, accelerator: Accelerator,
@@ -362,6 +418,15 @@ def _slots(group: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     return torch.tensor([sum(b["input_ids"].numel() for b in group), sum(padded_slots(b) for b in group)])
 
 
+def check_output_dir(out: Path) -> None:
+    """`output_dir` must be a directory this process can write in, or a path where one can be made."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"'output_dir': {out} exists and is not a directory")
+    existing = next(p for p in [out, *out.parents] if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"'output_dir': {existing} is not writable")
+
+
 def prepare_output_dir(out: Path, overwrite: bool, resume_step: int | None = None) -> None:
     """Refuse to train over a finished run unless asked: a user's adapter is never lost by accident.
 
@@ -375,8 +440,8 @@ def prepare_output_dir(out: Path, overwrite: bool, resume_step: int | None = Non
         raise UserError(f"'output_dir': {out} already holds a run ({', '.join(previous)}); choose another "
                         "output_dir, pass --resume to continue it, or --overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)  # empty, or replaced with --overwrite: a fresh log
     if overwrite:  # the old adapter stays until the new one replaces it atomically at the end
-        (out / "metrics.jsonl").unlink(missing_ok=True)
         shutil.rmtree(ckpt.checkpoints_dir(out), ignore_errors=True)  # another run's checkpoints must not resume
 
 

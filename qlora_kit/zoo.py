@@ -10,13 +10,12 @@ atomically, so a killed first run is redone rather than half-used:
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from qlora_kit.errors import UserError
+from qlora_kit.files import build_once
 
 TINY_RANDOM = "tiny-random-llama"
 SMOLLM2 = "smollm2-135m"
@@ -29,7 +28,7 @@ def cache_root() -> Path:
 def resolve_model_path(path: str, allow_network: bool = False) -> Path:
     """Turn a recipe's `model.path` into a local Hugging Face model directory."""
     if path == TINY_RANDOM:
-        return _build_once(cache_root() / TINY_RANDOM, save_tiny_random)
+        return build_once(cache_root() / TINY_RANDOM, save_tiny_random)
     if path == SMOLLM2:
         from qlora_kit.gguf import convert_gguf, smollm2_gguf_path
 
@@ -52,23 +51,6 @@ def resolve_model_path(path: str, allow_network: bool = False) -> Path:
     hint = " (a hub id needs allow_network: true)" if "/" in path and not path.startswith((".", "/")) else ""
     raise UserError(f"'model.path': {path} is not a local model directory, a .gguf file, or a built-in model "
                     f"({TINY_RANDOM}, {SMOLLM2}){hint}")
-
-
-def _build_once(target: Path, build) -> Path:
-    """Build into a temporary sibling and rename, so `target` exists only when complete."""
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        build(tmp)
-        tmp.rename(target)
-    except OSError:
-        if not target.is_dir():  # not a lost race with another process: a real failure
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def byte_level_tokenizer():

@@ -16,6 +16,7 @@ from qlora_kit import checkpoint as ckpt
 from qlora_kit.cli import main, out_of_memory_message
 from qlora_kit.config import load_recipe
 from qlora_kit.errors import TrainingDiverged, UserError
+from qlora_kit.files import check_free_space
 from qlora_kit.preemption import Preemption
 from qlora_kit.train import train
 from qlora_kit.watchdog import Watchdog
@@ -178,7 +179,7 @@ def test_resume_with_an_incompatible_recipe_is_refused(tiny_llama, memorise_data
                                                   "train.max_steps=5"), "--resume"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
-    assert "lora.r (checkpoint 8, recipe 4)" in err[0] and "quant.quant_type (checkpoint 'nf4', recipe 'fp4')" in err[0]
+    assert "lora.r (checkpoint 8, now 4)" in err[0] and "quant.quant_type (checkpoint 'nf4', now 'fp4')" in err[0]
     assert main(["train", str(recipe), *overrides(tiny_llama, memorise_data, out, "train.max_steps=2"),
                  "--resume"]) == 0  # a longer run is compatible
     capsys.readouterr()
@@ -194,13 +195,15 @@ def test_user_mistakes_exit_2_with_one_line(tiny_llama, memorise_data, tmp_path,
     (tmp_path / "empty").mkdir()
     finished = tmp_path / "finished"
     (finished / "adapter").mkdir(parents=True)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "metrics.jsonl").write_text('{"step": 1}\n')  # steps were run, no checkpoint survived
     cases = {
         "data.path": overrides(tiny_llama, tmp_path / "missing.jsonl", tmp_path / "a"),
         "no adapter_config.json": overrides(tiny_llama, memorise_data, tmp_path / "b",
                                             f"model.adapter={tmp_path / 'empty'}"),
         "a hub id needs allow_network": overrides("someone/some-model", memorise_data, tmp_path / "c"),
         "already holds a run": overrides(tiny_llama, memorise_data, finished),
-        "no complete checkpoint": [*overrides(tiny_llama, memorise_data, tmp_path / "d"), "--resume"],
+        "no complete, undamaged checkpoint": [*overrides(tiny_llama, memorise_data, tmp_path / "d"), "--resume"],
     }
     for expected, args in cases.items():
         assert main(["train", str(recipe), *args]) == 2, expected
@@ -208,7 +211,7 @@ def test_user_mistakes_exit_2_with_one_line(tiny_llama, memorise_data, tmp_path,
         assert lines[-1].startswith("qlora-kit: error: ") and expected in lines[-1], lines
         assert not any("Traceback" in line for line in lines)
     with pytest.raises(UserError):  # --debug shows the traceback
-        main(["--debug", "train", str(recipe), *cases["no complete checkpoint"]])
+        main(["--debug", "train", str(recipe), *cases["no complete, undamaged checkpoint"]])
 
 
 def test_first_signal_only_requests_a_stop_and_handlers_are_restored():
@@ -229,7 +232,7 @@ def test_out_of_memory_message_names_the_settings_to_lower():
 
 def test_not_enough_disk_space_is_refused(tmp_path):
     with pytest.raises(UserError, match="not enough free disk space"):
-        ckpt.check_free_space(tmp_path, 1 << 60)  # an exabyte
+        check_free_space(tmp_path, 1 << 60, "a checkpoint")  # an exabyte
 
 
 def test_report_png_and_tensorboard_events_are_written(tiny_llama, memorise_data, tmp_path, capsys):

@@ -6,7 +6,6 @@ One real conversion per module (~35 s on a small CPU), shared through module-sco
 from __future__ import annotations
 
 import importlib.util
-import os
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qlora_kit import gguf
 from qlora_kit.errors import UserError
+from qlora_kit.files import sha256_file
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -29,15 +29,12 @@ def gguf_file() -> Path:
 
 
 @pytest.fixture(scope="module")
-def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A cache that already holds leftovers of killed conversions: one recent, one over an hour old."""
+def cache_root(tmp_path_factory: pytest.TempPathFactory, gguf_file: Path) -> Path:
+    """A cache that already holds what a killed conversion of this file leaves: its temporary directory."""
     root = tmp_path_factory.mktemp("cache")
-    for name, age_s in ((".tmp-recent", 0), (".tmp-stale", 2 * 3600)):
-        leftover = root / "gguf" / name
-        leftover.mkdir(parents=True)
-        (leftover / "config.json").write_text("{ truncated")
-        then = time.time() - age_s
-        os.utime(leftover, (then, then))
+    leftover = root / "gguf" / f".{gguf_file.stem}-{sha256_file(gguf_file)[:16]}.tmp-killed"
+    leftover.mkdir(parents=True)
+    (leftover / "config.json").write_text("{ truncated")
     return root
 
 
@@ -73,8 +70,7 @@ def test_directory_layout(converted: Path, cache_root: Path) -> None:
         "generation_config.json",
     ):
         assert (converted / name).is_file(), name
-    leftovers = sorted(p.name for p in converted.parent.glob(".tmp-*"))
-    assert leftovers == [".tmp-recent"]  # ours was renamed away; the stale one was swept; a live one is kept
+    assert [p.name for p in converted.parent.iterdir()] == [converted.name]  # the killed conversion's leftover went
 
 
 def test_weights_are_exact_float32_and_tied(reloaded, reference) -> None:
@@ -123,15 +119,6 @@ def test_second_call_hits_the_cache(gguf_file: Path, cache_root: Path, converted
     assert time.perf_counter() - start < 5
     assert weights.stat().st_mtime_ns == mtime
     assert "converting" not in capsys.readouterr().err
-
-
-def test_losing_a_rename_race_keeps_the_winner(tmp_path: Path) -> None:
-    winner, loser = tmp_path / "model", tmp_path / ".tmp-loser"
-    for folder in (winner, loser):
-        folder.mkdir()
-        (folder / "config.json").write_text(folder.name)
-    assert gguf._publish(loser, winner) == winner
-    assert not loser.exists() and (winner / "config.json").read_text() == "model"
 
 
 def test_missing_package_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
