@@ -124,20 +124,25 @@ def merge(adapter_dir: Path, out_dir: Path, dtype: str = "float16", base: str = 
 
 
 def check_out_dir(out_dir: Path, plan: MergePlan) -> None:
-    """Refuse an export that would replace or sit in what it is made from: the base model, the adapter, or
-    the run that holds the adapter (its checkpoints, metrics). Inside the run is fine (`train.merge_after`
-    writes `output_dir/merged`), as long as nothing of it is replaced."""
-    out = out_dir.resolve()
+    """Refuse an export that would replace or sit in what it is made from: the base model, the adapter, or the
+    run that holds the adapter. Inside that run, a new directory or an earlier export may be written (as
+    `train.merge_after` writes `output_dir/merged`), nothing else of the run replaced. The same holds for
+    `OUT.rejected`, where a failed check puts the export."""
     inputs = {"the base model": plan.base_path.resolve(), "the adapter": plan.adapter_dir.resolve()}
     run = next((d for d in plan.adapter_dir.resolve().parents
                 if (d / "metrics.jsonl").is_file() or (d / "checkpoints").is_dir()), None)
-    if run is not None:
-        inputs["the run that holds the adapter"] = run
-    for what, path in inputs.items():
-        if out == path or out in path.parents:
-            raise UserError(f"--out: {out_dir} would replace {what} ({path}); choose another directory")
-        if path in out.parents and what != "the run that holds the adapter":
-            raise UserError(f"--out: {out_dir} lies inside {what} ({path}); choose another directory")
+    for target in (out_dir, out_dir.with_name(out_dir.name + ".rejected")):
+        out = target.resolve()
+        for what, path in inputs.items():
+            if out == path or out in path.parents:
+                raise UserError(f"--out: {out_dir} would replace {what} ({path}); choose another directory")
+            if path in out.parents:
+                raise UserError(f"--out: {out_dir} lies inside {what} ({path}); choose another directory")
+        if run is not None and (out == run or out in run.parents):
+            raise UserError(f"--out: {out_dir} would replace the run that holds the adapter ({run})")
+        if run is not None and run in out.parents and out.exists() and not (out / "merge_report.json").is_file():
+            raise UserError(f"--out: {out_dir} would replace part of the run that holds the adapter ({run}); "
+                            "choose a new directory")
 
 
 def _write_weights(plan: MergePlan, out: Path, out_dtype: torch.dtype, base: str, report: MergeReport,

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -250,3 +251,135 @@ def test_report_png_and_tensorboard_events_are_written(tiny_llama, memorise_data
     assert main(["report", str(out)]) == 0 and (out / "report.png").is_file()
     assert "3 steps, final loss" in capsys.readouterr().err
     assert main(["report", str(tmp_path)]) == 2  # no metrics.jsonl there
+
+
+# ------------------------------------------------------------------------------ locks, damage, resume rules
+
+
+def test_a_second_run_into_a_busy_output_dir_is_refused_naming_the_first(tiny_llama, memorise_data, tmp_path,
+                                                                         capsys):
+    out = tmp_path / "run"
+    args = overrides(tiny_llama, memorise_data, out, "train.max_steps=1000", "train.save_every=1")
+    first = cli(tmp_path, *args)
+    try:
+        wait_for(lambda: ckpt.latest_checkpoint(out) is not None, first)
+        recipe = tmp_path / "recipe.yaml"
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            assert main(["train", str(recipe), *args, *extra]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and f"is in use by another qlora-kit process (pid {first.pid})" in err[0], err
+    finally:
+        first.kill()  # SIGKILL: the lock must not outlive its process
+        first.wait()
+    steps = ckpt.checkpoint_step(ckpt.latest_checkpoint(out))
+    assert main(["train", str(tmp_path / "recipe.yaml"), *overrides(tiny_llama, memorise_data, out,
+                 f"train.max_steps={steps + 1}", "train.save_every=1"), "--resume"]) == 0
+
+
+def test_a_zero_filled_checkpoint_file_falls_back_to_the_previous_checkpoint(tiny_llama, memorise_data, tmp_path,
+                                                                              capsys):
+    straight = train(load_recipe(None, overrides(tiny_llama, memorise_data, tmp_path / "a", "train.max_steps=3")))
+    out = tmp_path / "b"
+    recipe = load_recipe(None, overrides(tiny_llama, memorise_data, out, "train.max_steps=3", "train.save_every=1",
+                                         "train.keep_checkpoints=3"))
+    train(recipe)
+    damaged = out / "checkpoints" / "step-3" / "optimizer.safetensors"
+    damaged.write_bytes(bytes(damaged.stat().st_size))  # what a crash before the data reached the disk leaves
+    assert ckpt.is_complete(damaged.parent)  # the sizes alone cannot tell
+    capsys.readouterr()
+    resumed = train(recipe, resume=True)
+    assert f"skipping damaged checkpoint {damaged.parent}: optimizer.safetensors does not match its checksum" in (
+        capsys.readouterr().err)
+    assert resumed.steps == 3 and [r[0] for r in losses(out)] == [1, 2, 3]
+    ours, reference = (load_file(d / "adapter_model.safetensors") for d in (resumed.adapter_dir, straight.adapter_dir))
+    assert all(torch.equal(ours[k], reference[k]) for k in reference)
+    damaged.write_bytes(bytes(damaged.stat().st_size))  # the resumed run saved a sound step-3; damage it again
+    with pytest.raises(UserError, match="step-3 is damaged: optimizer.safetensors does not match its checksum"):
+        ckpt.resolve_resume(str(damaged.parent), out)
+
+
+@pytest.mark.parametrize("change, key", [
+    ("train.lr=0.1", "train.lr"), ("train.micro_batch_size=2", "train.micro_batch_size"), ("seed=1", "seed"),
+    ("train.seq_len=32", "train.seq_len"), ("optim.name=adamw", "optim.name"), ("train.warmup_steps=1",
+                                                                                 "train.warmup_steps"),
+    ("lora.dropout=0.2", "lora.dropout"), ("data.packing=pack", "data.packing"),
+    ("other data", "the training data"), ("edited data", "the training data")])
+def test_resume_refuses_changes_it_cannot_honour(tiny_llama, memorise_data, tmp_path, capsys, change, key):
+    out = tmp_path / "run"
+    args = overrides(tiny_llama, memorise_data, out, "train.max_steps=2", "train.save_every=1")
+    train(load_recipe(None, args))
+    recipe_before = (out / "recipe.yaml").read_text()
+    metrics_before = (out / "metrics.jsonl").read_text()
+    if change == "other data":
+        change = f"data.path={write_rows(tmp_path / 'other.jsonl', 'other')}"
+        key = "data.path"
+    elif change == "edited data":
+        memorise_data.write_text(memorise_data.read_text().replace("alpha", "omega"))
+        change = "train.max_steps=3"
+    capsys.readouterr()
+    assert main(["train", recipe_file(tmp_path), *args, change, "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("qlora-kit: error: --resume:") and key in err[0], err
+    assert (out / "recipe.yaml").read_text() == recipe_before  # nothing recorded that the run did not do
+    assert (out / "metrics.jsonl").read_text() == metrics_before
+
+
+def recipe_file(tmp_path):
+    """A recipe file with the default seed: CLI runs then train what `load_recipe(None, ...)` runs trained."""
+    (tmp_path / "r.yaml").write_text("seed: 42\n")
+    return str(tmp_path / "r.yaml")
+
+
+def write_rows(path, word):
+    path.write_text(json.dumps({"prompt": f"Reverse: {word}\n", "completion": word[::-1]}) + "\n")
+    return path
+
+
+def test_resume_honours_what_it_allows_and_records_it(tiny_llama, memorise_data, tmp_path):
+    out = tmp_path / "run"
+    train(load_recipe(None, overrides(tiny_llama, memorise_data, out, "train.max_steps=2", "train.save_every=1")))
+    resumed = train(load_recipe(None, overrides(tiny_llama, memorise_data, out, "train.max_steps=4",
+                                                "train.save_every=3", "train.keep_checkpoints=1",
+                                                "train.max_grad_norm=0.5")), resume=True)
+    assert resumed.steps == 4 and [p.name for p in ckpt.list_checkpoints(out)] == ["step-4"]
+    saved = load_recipe(out / "recipe.yaml")
+    assert (saved.train.max_steps, saved.train.save_every, saved.train.max_grad_norm) == (4, 3, 0.5)
+
+
+def test_leftovers_of_interrupted_saves_and_deletions_are_removed(tiny_llama, memorise_data, tmp_path):
+    out = tmp_path / "run"
+    args = overrides(tiny_llama, memorise_data, out, "train.max_steps=2", "train.save_every=1")
+    train(load_recipe(None, args))
+    root = out / "checkpoints"
+    for leftover in (".step-1.deleting", ".step-3.tmp-abc", "step-7"):  # a second signal during a prune or save
+        (root / leftover).mkdir(exist_ok=True)
+        (root / leftover / "optimizer.safetensors").write_bytes(b"part")
+    assert ckpt.resolve_resume(True, out).name == "step-2"
+    train(load_recipe(None, [*args[:-2], "train.max_steps=3", "train.save_every=1"]), resume=True)
+    assert sorted(p.name for p in root.iterdir()) == ["step-2", "step-3"]
+
+
+def test_a_run_stopped_before_its_first_step_blocks_nothing(tiny_llama, memorise_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("")  # SIGTERM during loading left an empty log
+    assert ckpt.previous_run(out) == []
+    args = overrides(tiny_llama, memorise_data, out, "train.max_steps=1")
+    assert main(["train", recipe_file(tmp_path), *args, "--resume"]) == 0
+    assert "holds no completed step yet; starting from step 0" in capsys.readouterr().err
+    (out / "metrics.jsonl").write_text("")
+    shutil.rmtree(out / "adapter")
+    shutil.rmtree(out / "checkpoints")
+    assert main(["train", recipe_file(tmp_path), *args]) == 0
+
+
+def test_resuming_a_finished_run_says_so_and_trains_nothing(tiny_llama, memorise_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = overrides(tiny_llama, memorise_data, out, "train.max_steps=2")
+    first = train(load_recipe(None, args))
+    metrics = (out / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert main(["train", recipe_file(tmp_path), *args, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert f"the run is already complete (final loss {first.final_loss:.4f})" in err and "nan" not in err
+    assert (out / "metrics.jsonl").read_text() == metrics

@@ -30,7 +30,7 @@ from qlora_kit.batching import (
 from qlora_kit.config import DataConfig, load_recipe
 from qlora_kit.data import load_data, load_examples
 from qlora_kit.errors import UserError
-from qlora_kit.formats import IGNORE, Encoded, Encoding, fit_to_length
+from qlora_kit.formats import IGNORE, MAX_CHARS_PER_TOKEN, Encoded, Encoding, encode_row, fit_to_length
 from qlora_kit.loss import token_loss_sum
 from qlora_kit.train import build_model, train
 from qlora_kit.zoo import byte_level_tokenizer
@@ -280,6 +280,33 @@ def test_bad_data_fails_before_training_with_exit_code_2(tiny_llama, tmp_path):
 def test_data_keys_are_validated(overrides, key):
     with pytest.raises(UserError, match=f"'{key}'"):
         load_recipe(None, overrides)
+
+
+@pytest.mark.parametrize("fmt, row", [
+    ("prompt_completion", {"prompt": "p" * 300_000 + "Reverse: x\n", "completion": "wordy " * 400_000}),
+    ("text", {"text": "long document " * 200_000}),
+    ("chat", {"messages": [{"role": "user", "content": "u" * 300_000}, {"role": "assistant", "content": "a" * 9},
+                           {"role": "user", "content": "v" * 10}, {"role": "assistant", "content": "b" * 900_000}]}),
+])
+def test_a_huge_row_is_cut_before_tokenising_to_exactly_what_truncation_keeps(tmp_path, monkeypatch, fmt, row):
+    path = write_jsonl(tmp_path / "big.jsonl", [row])
+    seq_len = 64
+    expected = fit_to_length(encode_row(row, TOK, Encoding(fmt, seq_len, chat_template=TOK.chat_template)),
+                             Encoding(fmt, seq_len), TOK.bos_token_id)  # the whole row tokenised, then cut
+    seen = []
+    tokenize = type(TOK).__call__
+    monkeypatch.setattr(type(TOK), "__call__", lambda self, text, *a, **kw: seen.append(len(text)) or
+                        tokenize(self, text, *a, **kw))
+    example = load(path, tmp_path, seq_len=seq_len).dataset[0]
+    assert (example["input_ids"], example["labels"]) == (expected[0], expected[1])
+    assert max(seen) <= 4 * seq_len * MAX_CHARS_PER_TOKEN  # the work per row is bounded by seq_len, not the row
+
+
+@pytest.mark.parametrize("too_long, expected", [("drop", "no examples left"), ("error", "far longer than")])
+def test_a_huge_row_is_dropped_or_refused_without_tokenising_it(tmp_path, too_long, expected):
+    path = write_jsonl(tmp_path / "big.jsonl", [{"prompt": "p", "completion": "c" * 5_000_000}])
+    with pytest.raises(UserError, match=expected):
+        load(path, tmp_path, seq_len=64, too_long=too_long)
 
 
 # ---------------------------------------------------------------------------------------- caching and eval

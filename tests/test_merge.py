@@ -1,6 +1,7 @@
 """Merge and export: the exported model computes what the adapter on the 4-bit base computes."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -12,8 +13,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from qlora_kit import merge as merge_module
+from qlora_kit.cli import main
 from qlora_kit.config import QuantConfig, load_recipe
 from qlora_kit.errors import UserError
+from qlora_kit.files import exclusive
 from qlora_kit.merge import merge
 from qlora_kit.model import quantize_roundtrip
 from qlora_kit.train import train
@@ -146,18 +150,123 @@ def run_cli(*args):
                           timeout=300)
 
 
-def test_cli_merge_refuses_existing_output_and_fails_on_broken_parity(tiny_llama, memorise_data, tmp_path):
+def test_cli_merge_refuses_existing_output_and_fails_on_broken_parity(tiny_llama, memorise_data, tmp_path,
+                                                                     monkeypatch, capsys):
     adapter, _ = trained_adapter(tiny_llama, memorise_data, tmp_path / "run", "train.merge_after=true",
                                  "train.merge_dtype=float32")
     assert json.loads((tmp_path / "run" / "merged" / "merge_report.json").read_text())["passed"]
     (tmp_path / "exists").mkdir()
     refused = run_cli("merge", adapter, "--out", tmp_path / "exists")
     assert refused.returncode == 2 and "already exists" in refused.stderr
-    weights = load_file(adapter / "adapter_model.safetensors")
-    key = next(k for k in weights if "lora_B" in k)
-    weights[key][0, 0] = float("nan")  # a corrupt adapter: the merged model cannot match it
-    save_file(weights, adapter / "adapter_model.safetensors")
-    failed = run_cli("merge", adapter, "--out", tmp_path / "bad", "--dtype", "float32")
-    assert failed.returncode == 1 and "parity check failed" in failed.stderr
+    # A parity failure (here forced by a zero tolerance): exit 1, the export kept aside for inspection only.
+    monkeypatch.setitem(merge_module.LOGIT_TOLERANCE, torch.float32, 0.0)
+    assert main(["merge", str(adapter), "--out", str(tmp_path / "bad"), "--dtype", "float32"]) == 1
+    assert "parity check failed" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
     assert not json.loads((tmp_path / "bad.rejected" / "merge_report.json").read_text())["passed"]
+
+
+@pytest.fixture(scope="module")
+def run_with_adapter(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("guards")
+    data = root / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Reverse: {w}\n", "completion": w[::-1]}) + "\n"
+                            for w in ("alpha", "bravo")))
+    base = root / "base"
+    shutil.copytree(tiny_models["llama"], base)
+    recipe = load_recipe(None, [f"model.path={base}", f"data.path={data}", f"output_dir={root / 'run'}",
+                                "train.max_steps=2", "train.save_every=1", "lora.r=8", "lora.dropout=0"])
+    return base, train(recipe).adapter_dir
+
+
+def tree(path):
+    return {p.relative_to(path): p.stat().st_mtime_ns for p in sorted(path.rglob("*"))}
+
+
+@pytest.mark.parametrize("out", ["base", "base/sub", "run", "run/adapter", "run/adapter/x", "run/checkpoints", "."])
+def test_merge_refuses_an_output_that_would_replace_or_sit_in_its_inputs(run_with_adapter, out, capsys):
+    base, adapter = run_with_adapter
+    root = base.parent
+    before = tree(root)
+    code = main(["merge", str(adapter), "--out", str(root / out), "--overwrite", "--no-check"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("qlora-kit: error: --out:"), lines
+    assert tree(root) == before  # nothing replaced, nothing written
+
+
+def test_merge_into_the_run_beside_its_adapter_is_allowed(run_with_adapter):
+    base, adapter = run_with_adapter
+    merge(adapter, adapter.parent / "merged-here", dtype="float32", overwrite=True)
+    assert (adapter.parent / "merged-here" / "model.safetensors").is_file()
+
+
+def broken_adapter(adapter, tmp_path, config_change=None, weights_change=None):
+    broken = tmp_path / "broken"
+    shutil.copytree(adapter, broken)
+    if config_change:
+        config = json.loads((broken / "adapter_config.json").read_text())
+        config_change(config)
+        (broken / "adapter_config.json").write_text(json.dumps(config))
+    if weights_change:
+        weights = load_file(broken / "adapter_model.safetensors")
+        weights_change(weights)
+        save_file(weights, broken / "adapter_model.safetensors")
+    return broken
+
+
+def _nan(weights):
+    key = next(k for k in weights if "lora_B" in k)
+    weights[key][0, 0] = float("nan")
+
+
+def _drop_a_lora_b(weights):
+    del weights[next(k for k in weights if "lora_B" in k)]
+
+
+def _wrong_a_shape(weights):
+    key = next(k for k in weights if "lora_A" in k)
+    weights[key] = weights[key][:, :-1].contiguous()
+
+
+def _unknown_layer(weights):
+    key = next(k for k in weights if "lora_A" in k)
+    module = key.split(".lora_A")[0]
+    renamed = module.rsplit(".", 1)[0] + ".nope_proj"
+    for part in ("lora_A", "lora_B"):
+        weights[key.replace(module, renamed).replace("lora_A", part)] = weights[key.replace("lora_A", part)].clone()
+
+
+@pytest.mark.parametrize("config_change, weights_change, message", [
+    (lambda c: c.update(r=4), None, "rank r=4"),
+    (lambda c: c.pop("r"), None, "'r' must be a positive integer"),
+    (None, _nan, "non-finite values"),
+    (None, _drop_a_lora_b, "has lora_A but no lora_B"),
+    (None, _wrong_a_shape, "adapter's B @ A is"),
+    (None, _unknown_layer, "nope_proj, which is not a quantized linear layer"),
+])
+@pytest.mark.parametrize("check", [True, False])
+def test_broken_adapters_are_refused_before_any_merge(run_with_adapter, tmp_path, capsys, config_change,
+                                                      weights_change, message, check):
+    _, adapter = run_with_adapter
+    broken = broken_adapter(adapter, tmp_path, config_change, weights_change)
+    args = ["merge", str(broken), "--out", str(tmp_path / "out")] + ([] if check else ["--no-check"])
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_a_second_merge_into_the_same_output_is_refused_while_the_first_runs(run_with_adapter, tmp_path, capsys):
+    _, adapter = run_with_adapter
+    with exclusive(tmp_path / "out", "--out"):  # as another process merging there would hold it
+        assert main(["merge", str(adapter), "--out", str(tmp_path / "out")]) == 2
+    assert f"in use by another qlora-kit process (pid {os.getpid()})" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_leftovers_of_a_killed_merge_are_removed_by_the_next(run_with_adapter, tmp_path):
+    _, adapter = run_with_adapter
+    (tmp_path / ".out.tmp-killed").mkdir()
+    (tmp_path / ".out.tmp-killed" / "model-00001.safetensors").write_bytes(b"half")
+    merge(adapter, tmp_path / "out", dtype="float32")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
