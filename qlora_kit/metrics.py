@@ -21,13 +21,9 @@ def peak_memory_bytes(device: torch.device) -> int:
     """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = _proc_kib("/proc/self/status", "VmHWM:")
+    if peak is not None:
+        return peak
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
 
@@ -36,14 +32,16 @@ def available_memory_bytes(device: torch.device) -> int | None:
     """Memory a new allocation can still get: free GPU memory, or MemAvailable on Linux; None if unknown."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    return _proc_kib("/proc/meminfo", "MemAvailable:")
+
+
+def _proc_kib(path: str, field: str) -> int | None:
+    """A `field: N kB` line of a Linux /proc file, in bytes; None elsewhere."""
     try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+        with open(path) as lines:
+            return next((int(line.split()[1]) * 1024 for line in lines if line.startswith(field)), None)
     except OSError:
-        pass
-    return None
+        return None
 
 
 def return_large_frees_to_os() -> None:
