@@ -182,7 +182,7 @@ def previous_run(output_dir: Path) -> list[str]:
 
 
 def save_checkpoint(output_dir: Path, state: TrainerState, write_adapter, optimizer: torch.optim.Optimizer,
-                    scheduler, recipe_yaml: str, data_fingerprint: str = "") -> Path:
+                    scheduler, scaler, recipe_yaml: str, data_fingerprint: str = "") -> Path:
     """Write checkpoint `step-N` atomically; `write_adapter(dir)` saves the LoRA weights in PEFT format there."""
     target = checkpoints_dir(output_dir) / f"step-{state.step}"
     with staged_dir(target) as tmp:
@@ -193,6 +193,7 @@ def save_checkpoint(output_dir: Path, state: TrainerState, write_adapter, optimi
         trainer = {"step": state.step, "epoch": state.epoch, "consumed": state.consumed, "optimizer": optim_json,
                    "scheduler": scheduler.state_dict(),  # LambdaLR stores None for a plain function
                    "python_rng": _python_rng_to_json(), "numpy_rng": _numpy_rng_to_json(),
+                   "loss_scaler": scaler.state_dict() if scaler is not None else {},
                    "data_fingerprint": data_fingerprint}
         (tmp / "trainer_state.json").write_text(json.dumps(trainer))
         (tmp / "recipe.yaml").write_text(recipe_yaml)
@@ -273,7 +274,8 @@ def checkpoint_step(path: Path) -> int:
     return json.loads((path / "trainer_state.json").read_text())["step"]
 
 
-def load_checkpoint(path: Path, load_adapter, optimizer: torch.optim.Optimizer, scheduler) -> TrainerState:
+def load_checkpoint(path: Path, load_adapter, optimizer: torch.optim.Optimizer, scheduler,
+                    scaler=None) -> TrainerState:
     """Restore the adapter (`load_adapter(dir)`), optimizer, scheduler and every RNG; return where to continue.
 
     Call it after everything that draws random numbers at setup (LoRA init), right before the loop.
@@ -282,6 +284,8 @@ def load_checkpoint(path: Path, load_adapter, optimizer: torch.optim.Optimizer, 
     load_adapter(path / "adapter")
     optimizer.load_state_dict(join_tensors(trainer["optimizer"], load_file(path / "optimizer.safetensors")))
     scheduler.load_state_dict(trainer["scheduler"])
+    if scaler is not None and trainer.get("loss_scaler"):
+        scaler.load_state_dict(trainer["loss_scaler"])
     rng = load_file(path / "rng.safetensors")
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available() and "cuda.0" in rng:

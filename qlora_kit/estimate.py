@@ -185,13 +185,14 @@ def per_token_layer_bytes(shape: Shape, cb: int, dropout: bool) -> int:
 
     Saved by autograd: the two RMSNorms (fp32 input and normalised copy, and their output), the q/k/v
     projections and their rotary outputs, SDPA's output and its contiguous copy, the MLP's gate, up, SiLU and
-    product; with dropout, each LoRA function's dropped-out input. Plus the gradients flowing through the layer.
+    product; with dropout, each LoRA function's dropped-out input and its mask (one byte an entry; the CPU's
+    dropped indices take less). Plus the gradients flowing through the layer.
     """
     h, i = shape.hidden_size, shape.intermediate_size
     q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     norms = 2 * (8 + cb) * h
     saved = cb * (2 * q + 2 * kv + kv + 2 * q + 4 * i + h)
-    dropped = cb * (3 * h + q + 2 * h + i) if dropout else 0
+    dropped = (cb + 1) * (3 * h + q + 2 * h + i) if dropout else 0
     grads = cb * (2 * h + 2 * i)
     return norms + saved + dropped + grads
 

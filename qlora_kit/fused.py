@@ -31,7 +31,26 @@ from contextlib import contextmanager
 import torch
 from bitsandbytes.functional import QuantState, dequantize_4bit, dequantize_blockwise
 
-_phase: str | None = None  # "forward" / "recompute" inside a block checkpointed with `checkpoint_contexts`
+# Which pass a checkpointed decoder layer is in: "forward" / "recompute" (set by `checkpoint_contexts`), None
+# outside checkpointing. Module state, not an argument: torch's checkpoint calls transformers' layer `forward`,
+# and the only way in between is the `context_fn` contexts, which cannot pass anything down the call.
+_phase: str | None = None
+
+# The CPU-only speed paths: decoded block scales kept with each quant state (`dequantize`), the recompute's
+# dequantized weight kept for its backward (`lora_4bit`), dropout from geometric gaps (`draw_dropped`). Each is
+# cheap in memory and pays on a CPU, where dequantizing and random numbers cost a real share of a step; on a GPU
+# dequantizing is cheap and memory is not. False: the CPU runs exactly the GPU's code path (tests use this to
+# check the GPU path's memory on the CPU).
+CPU_SPEEDUPS = True
+
+
+def cpu_speedups(device: torch.device) -> bool:
+    return CPU_SPEEDUPS and device.type == "cpu"
+
+
+def phase() -> str | None:
+    """The checkpoint pass running now (see `_phase`)."""
+    return _phase
 
 
 @contextmanager
@@ -62,8 +81,8 @@ def draw_dropped(shape: torch.Size, p: float, device: torch.device, per_round: i
     `per_round`: gaps drawn at a time (default: enough to cover the tensor in one round but for a 6-sigma
     shortfall).
     """
-    if device.type != "cpu" or p >= 0.25:
-        return torch.rand(shape, device=device) < p
+    if not cpu_speedups(device) or p >= 0.25:
+        return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(p)  # 1 byte an entry, no fp32 draw
     n, log_keep = math.prod(shape), math.log1p(-p)
     chunks, last = [], -1  # `last`: position of the last dropped entry so far
     while True:
@@ -90,7 +109,7 @@ def dequantize(weight: torch.Tensor, quant_state: QuantState, dtype: torch.dtype
     """bitsandbytes' `dequantize_4bit`, in `dtype`. On the CPU, with double quantization, the block scales are
     decoded once and kept with the quant state (one float per 64 weights): decoding them was a fifth of each
     dequantization."""
-    if weight.device.type != "cpu" or not quant_state.nested:
+    if not cpu_speedups(weight.device) or not quant_state.nested:
         return dequantize_4bit(weight, quant_state).to(dtype)
     flat = getattr(quant_state, "qlora_kit_decoded", None)
     if flat is None:
@@ -105,7 +124,7 @@ def lora_4bit(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, weigh
               quant_state: QuantState, bias: torch.Tensor | None, scale: float, p: float) -> torch.Tensor:
     """y = x @ dequant(W)^T + bias + scale * (dropout(x) @ A^T) @ B^T, for 2-D x (tokens, d_in)."""
     with torch.no_grad():  # the Function's inputs; their gradients are the Function's business
-        w = dequantize(weight, quant_state, x.dtype) if _phase and x.device.type == "cpu" else None
+        w = dequantize(weight, quant_state, x.dtype) if _phase and cpu_speedups(x.device) else None
         drop = draw_dropped(x.shape, p, x.device) if p > 0 else None
         x_in = x if drop is None else zero_dropped(x.clone(), drop)
         h = torch.mm(x_in, lora_a.t())  # (tokens, r)
@@ -133,12 +152,16 @@ class LoRA4bit(torch.autograd.Function):
 
     `w`: the dequantized weight to use and keep for backward (else `weight` is kept and dequantized again).
     `defer`: save, return y uncomputed; the caller fills it if recomputation did not stop at the save.
+    The quantization state's tensors are saved like the weight, through autograd, never held on `ctx`: under
+    checkpointing autograd drops saved tensors after the forward and brings back the recompute's, so with
+    `train.offload_base` no layer's device copy outlives its use.
     """
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, weight, quant_state, w, bias, x_in, h, drop, s: float, defer: bool):
-        ctx.save_for_backward(x_in, h, drop, lora_a, lora_b, weight if w is None else w)
-        ctx.quant_state, ctx.s, ctx.dequantized = quant_state, s, w is not None
+        state_tensors, ctx.state_layout = split_state(quant_state) if w is None else ((), None)
+        ctx.save_for_backward(x_in, h, drop, lora_a, lora_b, weight if w is None else w, *state_tensors)
+        ctx.s = s
         y = x.new_empty(x.shape[0], lora_b.shape[0])
         if not defer:
             _forward(y, x, weight, quant_state, w, bias, h, lora_b, s)
@@ -146,14 +169,16 @@ class LoRA4bit(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        x_in, h, drop, lora_a, lora_b, weight = ctx.saved_tensors
+        x_in, h, drop, lora_a, lora_b, weight, *state_tensors = ctx.saved_tensors
         s = ctx.s
         grad_h = torch.mm(grad_y, lora_b).mul_(s)  # (tokens, r), scale included
         grad_a = torch.mm(grad_h.t(), x_in) if ctx.needs_input_grad[1] else None
         grad_b = torch.mm(h.t(), grad_y).mul_(s).t() if ctx.needs_input_grad[2] else None  # ~2x faster than B^T
         grad_x = None
         if ctx.needs_input_grad[0]:
-            w = weight if ctx.dequantized else dequantize(weight, ctx.quant_state, grad_y.dtype)
+            dequantized = ctx.state_layout is None
+            w = weight if dequantized else dequantize(weight, join_state(state_tensors, ctx.state_layout),
+                                                      grad_y.dtype)
             grad_x = torch.mm(grad_y, w)
             del w
             if drop is None:
@@ -161,3 +186,28 @@ class LoRA4bit(torch.autograd.Function):
             else:
                 grad_x += zero_dropped(torch.mm(grad_h, lora_a), drop)
         return grad_x, grad_a, grad_b, None, None, None, None, None, None, None, None, None
+
+
+def split_state(state: QuantState) -> tuple[tuple[torch.Tensor | None, ...], tuple]:
+    """A quant state as (tensors, the rest), for `save_for_backward`. On the CPU with double quantization the
+    decoded scales (see `dequantize`) stand in for the nested ones, so backward does not decode them again."""
+    decoded = getattr(state, "qlora_kit_decoded", None)
+    if decoded is not None:
+        state = decoded
+    nested = state.state2 if state.nested else None
+    tensors = (state.absmax, state.code, state.offset, nested.absmax if nested else None,
+               nested.code if nested else None)
+    layout = (state.shape, state.blocksize, state.quant_type, state.dtype,
+              (nested.blocksize, nested.quant_type, nested.dtype) if nested else None)
+    return tensors, layout
+
+
+def join_state(tensors, layout: tuple) -> QuantState:
+    """The inverse of `split_state`."""
+    absmax, code, offset, absmax2, code2 = tensors
+    shape, blocksize, quant_type, dtype, nested = layout
+    state2 = None
+    if nested is not None:
+        state2 = QuantState(absmax2, code=code2, blocksize=nested[0], quant_type=nested[1], dtype=nested[2])
+    return QuantState(absmax, shape=shape, code=code, blocksize=blocksize, quant_type=quant_type, dtype=dtype,
+                      offset=offset, state2=state2)

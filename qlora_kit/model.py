@@ -33,7 +33,7 @@ from qlora_kit.attention import use_segment_attention
 from qlora_kit.config import QuantConfig
 from qlora_kit.errors import UserError
 from qlora_kit.metrics import streaming_allocations
-from qlora_kit.offload import quant_state_to
+from qlora_kit.offload import OffloadedLayers, quant_state_to
 
 # Checkpoint entries that are derived at init time and may be absent from, or stale in, a checkpoint.
 _IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
@@ -45,14 +45,15 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     path: Path
     compute_dtype: torch.dtype
+    offload: OffloadedLayers | None = None  # set by `train.build_model` with `train.offload_base`
 
 
 def compute_dtype_for(name: str, device: torch.device) -> torch.dtype:
     """Resolve `quant.compute_dtype`; `auto` is bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU."""
     if name != "auto":
         return getattr(torch, name)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda":  # emulated bf16 (T4, V100) runs far slower than fp16 there
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.float32
 
 

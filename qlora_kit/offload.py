@@ -1,19 +1,24 @@
 """`train.offload_base`: the frozen 4-bit weights of the decoder layers live in CPU memory and visit the GPU
 one layer at a time, so a model bigger than the card trains on it (70B: ~37 GB of 4-bit weights, 24 GB card).
 
-The unit is a block of a decoder layer (its attention, its MLP): the block's 4-bit weights and quantization
-states are copied to the GPU by a forward pre-hook and dropped by a forward hook, in the forward pass and again
-in the recompute that gradient checkpointing runs before the layer's backward (transformers checkpoints a
-layer's `forward`, so hooks on the layer itself would stay outside the recompute; its blocks' hooks run inside).
-The backward needs no hook: `LoRA4bit` saves the weight tensor it was given (on the CPU, its dequantized copy),
-so the recomputed block's copy stays alive exactly until its backward is done, then goes. The release hook also
-runs when a recompute stops early, at the block's last saved tensor (see fused.py). That is why offloading needs
-gradient checkpointing: without it, every block's copy would be kept for backward.
+The unit is a decoder layer. Its 4-bit weights and quantization states are copied to the device when the first
+of its blocks (attention, MLP: the children that hold 4-bit linears) starts, and the layer's linears point at
+empty placeholders again when the last block has run: in the forward pass, and again in the recompute that
+gradient checkpointing runs right before the layer's backward (transformers checkpoints a layer's `forward`,
+so hooks on the layer itself would stay outside the recompute; its blocks' hooks run inside). The backward
+needs no hook: `LoRA4bit` saves the weight and state tensors it used through autograd, so the recomputed
+layer's copy lives exactly until its backward is done. That is why offloading needs gradient checkpointing:
+without it, every layer's copy would be kept for backward.
 
-On a GPU the host copies are pinned, and while a block computes, the next one in the direction of travel
-(ascending in forward, descending in the backward's recomputes) is copied on a side stream, so the copy
-overlaps compute. On the CPU the "copies" are the stored tensors themselves, but a released block still holds
-only an empty placeholder: any use of weights that were not installed fails instead of computing garbage.
+The order of a training step is known: forward 0, 1, ..., L-1, then the backward recomputes L-1, L-2, ..., 0.
+While a layer runs, the next one in that order is copied ahead on a side stream (on a GPU), so at any moment
+at most two layers are on the device: the one in use and the one arriving. Every copy made on the side stream
+is waited for by the compute stream before use and recorded on it (`record_stream`), so its memory is not
+handed to the next copy while the compute stream may still read it. Host copies are pinned, so copies are
+asynchronous. On the CPU the "device" copies are clones of the stored tensors: the bookkeeping, and the memory
+it bounds, are the GPU's; a released layer holds only empty placeholders, so a use of weights that were not
+installed fails instead of computing garbage.
+
 Loading with offload (`load_quantized(..., park=True)`) quantizes each weight on the GPU and parks it in CPU
 memory at once, so neither the 16-bit nor the 4-bit model is ever whole on the GPU.
 """
@@ -24,76 +29,150 @@ import bitsandbytes as bnb
 import torch
 from bitsandbytes.functional import QuantState
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from qlora_kit.fused import phase
+
+Copies = list[tuple[torch.Tensor, QuantState]]  # per linear of a layer: (4-bit data, quant state), on the device
 
 
 class OffloadedLayers:
-    """Installs each decoder-layer block's 4-bit weights on `device` around each of its forward calls."""
+    """Installs each decoder layer's 4-bit weights on `device` while it runs, one layer ahead at most."""
 
     def __init__(self, layers: nn.ModuleList, device: torch.device) -> None:
         self.device = device
-        self.blocks = [block for layer in layers for block in layer.children()  # in execution order
-                       if any(isinstance(m, bnb.nn.Linear4bit) for m in block.modules())]
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self.index = {id(block): i for i, block in enumerate(self.blocks)}
-        self.store: list[list[tuple[bnb.nn.Linear4bit, torch.Tensor, QuantState]]] = []
-        self.prefetched: dict[int, tuple[list, torch.cuda.Event | None]] = {}
-        self.last = -1
-        for i, block in enumerate(self.blocks):
-            entries = []
-            for m in block.modules():
-                if isinstance(m, bnb.nn.Linear4bit):
-                    data = m.weight.data.to("cpu")
-                    state = quant_state_to(m.weight.quant_state, "cpu")
-                    entries.append((m, data.pin_memory() if self.cuda else data, state))
-            self.store.append(entries)
-            self._put(i, None)  # now: the unpinned copy goes at once, so host memory never holds two
-            block.register_forward_pre_hook(self._install)
-            block.register_forward_hook(self._release, always_call=True)  # also when a recompute stops early
+        self.linears: list[list[bnb.nn.Linear4bit]] = []
+        self.store: list[list[tuple[torch.Tensor, QuantState]]] = []  # host copies, pinned on GPUs
+        self.blocks: list[int] = []  # blocks per layer
+        self.blocks_left: list[int] = []  # blocks of the layer still to run in this pass
+        self.installed: int | None = None
+        self.prefetched: dict[int, tuple[Copies, torch.cuda.Event | None]] = {}
+        self.copies: list[tuple[int, StorageWeakRef]] = []  # every device copy made, to count what is alive
+        for i, layer in enumerate(layers):
+            blocks = [b for b in layer.children() if any(isinstance(m, bnb.nn.Linear4bit) for m in b.modules())]
+            linears = [m for b in blocks for m in b.modules() if isinstance(m, bnb.nn.Linear4bit)]
+            self.linears.append(linears)
+            self.store.append([_to_host(m.weight.data, m.weight.quant_state, pin=self.cuda) for m in linears])
+            self.blocks.append(len(blocks))
+            self.blocks_left.append(len(blocks))
+            self._point(i, None)  # the loaded copies go now, so memory never holds two
+            for block in blocks:
+                block.register_forward_pre_hook(lambda *_, i=i: self._start(i))
+                block.register_forward_hook(lambda *_, i=i: self._finish(i), always_call=True)
 
-    def _install(self, block: nn.Module, args) -> None:
-        i = self.index[id(block)]
+    def resident(self) -> set[int]:
+        """Layers with any device copy still alive: installed, arriving, or kept by autograd for backward."""
+        self.copies = [(i, ref) for i, ref in self.copies if not ref.expired()]
+        return {i for i, _ in self.copies}
+
+    def _start(self, i: int) -> None:
+        if self.installed == i:
+            return
+        if self.installed is not None:  # a pass that stopped inside a layer (an error): let it go
+            self._point(self.installed, None)
         copies, ready = self.prefetched.pop(i, None) or (self._copy(i), None)
         if ready is not None:
-            torch.cuda.current_stream(self.device).wait_event(ready)
-        self._put(i, copies)
-        step = 1 if i >= self.last else -1  # forward goes up; the backward's recomputes come down
-        self.last = i
-        if self.cuda and 0 <= i + step < len(self.blocks) and i + step not in self.prefetched:
-            with torch.cuda.stream(self.stream):
-                copies_next = self._copy(i + step)
-                event = torch.cuda.Event()
-                event.record(self.stream)
-            self.prefetched[i + step] = (copies_next, event)
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(ready)
+            for data, state in copies:  # freed copies must not be reused while this stream may still read them
+                for t in (data, *_state_tensors(state)):
+                    t.record_stream(current)
+        self._point(i, copies)
+        self.installed = i
+        following = self._next(i)
+        if following not in (None, i) and following not in self.prefetched:
+            self._prefetch(following)
 
-    def _release(self, block: nn.Module, args, output) -> None:
-        self._put(self.index[id(block)], None)
+    def _finish(self, i: int) -> None:
+        self.blocks_left[i] -= 1
+        if self.blocks_left[i] > 0:
+            return
+        self.blocks_left[i] = self.blocks[i]
+        if phase() == "forward" and self._next(i) == i:  # the last layer's recompute comes right after
+            self.prefetched[i] = ([(m.weight.data, m.weight.quant_state) for m in self.linears[i]], None)
+        self._point(i, None)
+        self.installed = None
 
-    def _copy(self, i: int) -> list[tuple[torch.Tensor, QuantState]]:
-        return [(data.to(self.device, non_blocking=True), quant_state_to(state, self.device))
-                for _, data, state in self.store[i]]
+    def _next(self, i: int) -> int | None:
+        """The layer that runs after layer i: up in the forward pass (the last one is recomputed next), down in
+        the backward's recomputes; in a plain forward (evaluation) nothing after the last."""
+        if phase() == "recompute":
+            return i - 1 if i > 0 else None
+        if i + 1 < len(self.linears):
+            return i + 1
+        return i if phase() == "forward" else None
 
-    def _put(self, i: int, copies) -> None:
-        """Point block i's linears at `copies` (device tensors), or at empty placeholders (None)."""
-        for k, (m, data, _) in enumerate(self.store[i]):
+    def _prefetch(self, i: int) -> None:
+        if not self.cuda:  # no second stream: the clone is made now, and the bookkeeping is the GPU's
+            self.prefetched[i] = (self._copy(i), None)
+            return
+        with torch.cuda.stream(self.stream):
+            copies = self._copy(i)
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        self.prefetched[i] = (copies, ready)
+
+    def _copy(self, i: int) -> Copies:
+        copies = [(_copy(data, self.device), _state_to(state, self.device)) for data, state in self.store[i]]
+        self.resident()  # forget the copies already freed, so this list stays as short as what is alive
+        self.copies += [(i, StorageWeakRef(t.untyped_storage())) for data, state in copies
+                        for t in (data, *_state_tensors(state))]
+        return copies
+
+    def _point(self, i: int, copies: Copies | None) -> None:
+        """Point layer i's linears at `copies`, or at empty placeholders (None)."""
+        for k, m in enumerate(self.linears[i]):
             if copies is None:
-                m.weight.data = data.new_empty(0, device=self.device)
+                m.weight.data = self.store[i][k][0].new_empty(0, device=self.device)
                 m.weight.quant_state = None
             else:
                 m.weight.data, m.weight.quant_state = copies[k]
             m.quant_state = m.weight.quant_state  # bitsandbytes restores the weight's state from here
 
 
-def quant_state_to(state: QuantState, device: torch.device | str) -> QuantState:
-    """A copy of `state` on `device` (bitsandbytes' `QuantState.to` moves the original in place)."""
+def _state_tensors(state: QuantState) -> list[torch.Tensor]:
+    tensors = [state.absmax, state.code, state.offset]
+    if state.nested:
+        tensors += [state.state2.absmax, state.state2.code]
+    return [t for t in tensors if t is not None]
+
+
+def _copy(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy of `t` on `device`: asynchronous from pinned memory; a clone when `device` is where `t` is."""
+    return t.to(device, non_blocking=True, copy=True)
+
+
+def _state_to(state: QuantState, device: torch.device) -> QuantState:
+    """A copy of `state` on `device`, every tensor copied asynchronously (bitsandbytes' `QuantState.to` moves
+    the original in place, and blocks on the small ones)."""
+    return _map_state(state, lambda t: _copy(t, device))
+
+
+def _map_state(state: QuantState, fn) -> QuantState:
+    """`state` with `fn` applied to each of its tensors."""
     nested = None
     if state.nested:
-        nested = QuantState(state.state2.absmax.to(device, non_blocking=True), code=state.state2.code.to(device),
-                            blocksize=state.state2.blocksize, quant_type=state.state2.quant_type,
-                            dtype=state.state2.dtype)
-    return QuantState(state.absmax.to(device, non_blocking=True), shape=state.shape, code=state.code.to(device),
-                      blocksize=state.blocksize, quant_type=state.quant_type, dtype=state.dtype,
-                      offset=state.offset.to(device) if state.offset is not None else None, state2=nested)
+        nested = QuantState(fn(state.state2.absmax), code=fn(state.state2.code), blocksize=state.state2.blocksize,
+                            quant_type=state.state2.quant_type, dtype=state.state2.dtype)
+    return QuantState(fn(state.absmax), shape=state.shape, code=fn(state.code), blocksize=state.blocksize,
+                      quant_type=state.quant_type, dtype=state.dtype,
+                      offset=fn(state.offset) if state.offset is not None else None, state2=nested)
+
+
+def _to_host(data: torch.Tensor, state: QuantState, pin: bool) -> tuple[torch.Tensor, QuantState]:
+    """Host copies of a 4-bit weight and its state; pinned when they will be copied to a GPU."""
+    def host(t: torch.Tensor) -> torch.Tensor:
+        t = t.to("cpu")
+        return t.pin_memory() if pin else t
+
+    return host(data), _map_state(state, host)
+
+
+def quant_state_to(state: QuantState, device: torch.device | str) -> QuantState:
+    """A copy of `state` on `device` (for parking weights at load time)."""
+    return _state_to(state, torch.device(device))
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -87,7 +87,7 @@ def build_model(recipe: Recipe, device: torch.device, model_dir: Path | None = N
         check_adapter_matches(recipe, Path(recipe.model.adapter), candidates, targets)
         adapter_io.load_adapter_weights(loaded.model, Path(recipe.model.adapter))
     if recipe.train.offload_base:  # from here on, each layer's 4-bit weights visit `device` only while it runs
-        OffloadedLayers(decoder_layers(loaded.model), device)
+        loaded.offload = OffloadedLayers(decoder_layers(loaded.model), device)
     return loaded, targets, candidates
 
 
@@ -178,6 +178,7 @@ def _train(recipe: Recipe, accelerator: Accelerator, overwrite: bool, resume: st
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, t, total_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    scaler = loss_scaler(loaded.compute_dtype, accelerator.device)
     unwrapped = accelerator.unwrap_model(model)
     write_adapter = partial(save_run_adapter, recipe, loaded, unwrapped, targets, candidates)
     checkpoint_bytes = ckpt.estimate_bytes(unwrapped)
@@ -187,7 +188,7 @@ def _train(recipe: Recipe, accelerator: Accelerator, overwrite: bool, resume: st
     state = TrainerState(0, 0, 0)
     if resume_from:
         state = ckpt.load_checkpoint(resume_from, partial(adapter_io.load_adapter_weights, unwrapped), optimizer,
-                                     scheduler)
+                                     scheduler, scaler)
         if state.step >= total_steps:
             return already_finished(recipe, state.step, total_steps, resume_from, accelerator, unwrapped)
         if main:
@@ -214,14 +215,20 @@ def _train(recipe: Recipe, accelerator: Accelerator, overwrite: bool, resume: st
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                     batch_loss, _ = token_loss_sum(model, batch)
                     # DDP averages gradients over processes; the factor turns that average back into a sum.
-                    accelerator.backward(batch_loss * accelerator.num_processes / max(label_tokens, 1))
+                    accelerator.backward(scaler.scale(batch_loss * accelerator.num_processes / max(label_tokens, 1)))
                 loss_sum += batch_loss.detach()
+            scaler.unscale_(optimizer)
             grad_norm = float(accelerator.clip_grad_norm_(trainable, t.max_grad_norm or float("inf")))
             loss = accelerator.reduce(loss_sum, "sum").item() / max(label_tokens, 1)
-            good = watchdog.step_is_good(step, loss, grad_norm, str(last_checkpoint) if last_checkpoint else None)
+            # fp16: gradients that overflowed at the current loss scale are the scaler's to handle (it skips the
+            # step and lowers the scale), not a sign of divergence
+            overflow = scaler.is_enabled() and math.isfinite(loss) and not math.isfinite(grad_norm)
+            good = not overflow and watchdog.step_is_good(step, loss, grad_norm,
+                                                          str(last_checkpoint) if last_checkpoint else None)
             if good:  # a non-finite step changes nothing: no update, no schedule step
-                optimizer.step()
+                scaler.step(optimizer)
                 scheduler.step()
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
 
             tokens = int(accelerator.reduce(_count(group, "attention_mask"), "sum").item())
@@ -249,7 +256,7 @@ def _train(recipe: Recipe, accelerator: Accelerator, overwrite: bool, resume: st
             if not fsdp and ((good and (step == total_steps or (t.save_every and step % t.save_every == 0)))
                              or stop):
                 last_checkpoint = save_checkpoint(recipe, TrainerState(step, epoch, consumed), write_adapter,
-                                                  optimizer, scheduler, accelerator, checkpoint_bytes,
+                                                  optimizer, scheduler, scaler, accelerator, checkpoint_bytes,
                                                   data_fingerprint)
             if stop:
                 break
@@ -309,7 +316,7 @@ def check_resumable(recipe: Recipe, checkpoint: Path, data_fingerprint: str) -> 
                         f"its adapter (model.adapter={checkpoint / 'adapter'})")
 
 
-def save_checkpoint(recipe: Recipe, state: TrainerState, write_adapter, optimizer, scheduler,
+def save_checkpoint(recipe: Recipe, state: TrainerState, write_adapter, optimizer, scheduler, scaler,
                     accelerator: Accelerator, checkpoint_bytes: int, data_fingerprint: str) -> Path:
     """Rank 0 writes the checkpoint (after a free-space check) and prunes old ones; every rank gets its path."""
     out = Path(recipe.output_dir)
@@ -317,7 +324,7 @@ def save_checkpoint(recipe: Recipe, state: TrainerState, write_adapter, optimize
     path = ckpt.checkpoints_dir(out) / f"step-{state.step}"
     if accelerator.is_main_process:
         check_free_space(ckpt.checkpoints_dir(out), checkpoint_bytes, "a checkpoint")
-        path = ckpt.save_checkpoint(out, state, write_adapter, optimizer, scheduler,
+        path = ckpt.save_checkpoint(out, state, write_adapter, optimizer, scheduler, scaler,
                                     yaml.safe_dump(to_dict(recipe), sort_keys=False), data_fingerprint)
         ckpt.prune(out, recipe.train.keep_checkpoints)
     accelerator.wait_for_everyone()
@@ -364,6 +371,15 @@ def save_run_adapter(recipe: Recipe, loaded: LoadedModel, model: torch.nn.Module
     adapter_io.save_adapter(model, adapter_dir, config,
                             {"recipe.yaml": yaml.safe_dump(to_dict(recipe), sort_keys=False),
                              adapter_io.METADATA_NAME: json.dumps(metadata, indent=2) + "\n"}, tensors)
+
+
+# fp16 gradients underflow without loss scaling; the scaler starts here and halves on every overflow.
+FP16_INITIAL_SCALE = 2.0**16
+
+
+def loss_scaler(compute_dtype: torch.dtype, device: torch.device) -> torch.amp.GradScaler:
+    """Dynamic loss scaling for fp16 compute (GPUs without native bf16); a scaler that does nothing otherwise."""
+    return torch.amp.GradScaler(device.type, init_scale=FP16_INITIAL_SCALE, enabled=compute_dtype == torch.float16)
 
 
 def enable_checkpointing(model: torch.nn.Module) -> None:

@@ -79,8 +79,9 @@ TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, nu
 
 
 def save_tiny_random(out: Path, config_class=None, seed: int = 0, tie: bool = False,
-                     dtype: torch.dtype = torch.float32) -> Path:
-    """Save a 2-layer, 64-wide random model (Llama unless `config_class` says) and the byte-level tokenizer.
+                     dtype: torch.dtype = torch.float32, **shape) -> Path:
+    """Save a 2-layer, 64-wide random model (Llama unless `config_class` says) and the byte-level tokenizer;
+    `shape` overrides TINY_SHAPE's entries (e.g. num_hidden_layers).
 
     initializer_range is 0.2, not the usual 0.02: with a frozen random head of std 0.02 the logits can barely
     move (|logit| < ~1.3), so no adapter could lower the loss; 0.2 gives the head a real model's range.
@@ -91,7 +92,7 @@ def save_tiny_random(out: Path, config_class=None, seed: int = 0, tie: bool = Fa
     config = (config_class or LlamaConfig)(
         vocab_size=len(tokenizer), tie_word_embeddings=tie, initializer_range=0.2,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **TINY_SHAPE,
+        pad_token_id=tokenizer.pad_token_id, **{**TINY_SHAPE, **shape},
     )
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).to(dtype).save_pretrained(out)

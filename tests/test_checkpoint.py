@@ -150,7 +150,7 @@ def test_partial_and_corrupted_checkpoints_are_ignored(tiny_llama, memorise_data
 
     with pytest.raises(OSError, match="No space"):
         ckpt.save_checkpoint(out, ckpt.TrainerState(5, 1, 1), fails, torch.optim.SGD([torch.zeros(1)], lr=1),
-                             None, "")
+                             None, None, "")
     assert not (out / "checkpoints" / "step-5").exists() and not list((out / "checkpoints").glob(".step-*"))
     resumed = train(recipe, resume=True)  # from step-3: redoes step 4
     assert resumed.steps == 4 and [r[0] for r in losses(out)] == [1, 2, 3, 4]

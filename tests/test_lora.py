@@ -171,3 +171,29 @@ def test_checkpointed_recompute_skips_the_last_base_matmul_and_a_dequantization(
     close(y_ours, y_plain)
     for actual, expected in zip(grads_ours, grads_plain, strict=True):
         close(actual, expected)
+
+
+def test_the_gpu_dropout_mask_is_drawn_as_booleans_without_a_float_per_entry(monkeypatch):
+    """On GPUs (the CPU runs their path with the CPU speed-ups off) dropout draws a 1-byte mask: no fp32 random
+    number per entry, which at 8192 tokens x 14336 would be a 470 MB temporary per LoRA input."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from qlora_kit import fused
+
+    class Outputs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.dtypes += [t.dtype for t in (out if isinstance(out, (tuple, list)) else [out])
+                            if isinstance(t, torch.Tensor) and t.numel() == 64 * 512]
+            return out
+
+    monkeypatch.setattr(fused, "CPU_SPEEDUPS", False)
+    torch.manual_seed(0)
+    with Outputs() as seen:
+        mask = draw_dropped(torch.Size((64, 512)), 0.1, torch.device("cpu"))
+    assert mask.dtype == torch.bool and seen.dtypes and set(seen.dtypes) == {torch.bool}
+    assert abs(mask.float().mean().item() - 0.1) < 0.01

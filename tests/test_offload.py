@@ -5,9 +5,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qlora_kit import fused
+from qlora_kit.batching import collate_padding_free
 from qlora_kit.config import load_recipe
 from qlora_kit.errors import UserError
-from qlora_kit.train import build_model, train
+from qlora_kit.loss import token_loss_sum
+from qlora_kit.train import build_model, enable_checkpointing, train
+from qlora_kit.zoo import save_tiny_random
+
+CPU = torch.device("cpu")
 
 
 def recipe_for(model_dir, data, out, *overrides):
@@ -47,3 +53,30 @@ def test_layers_hold_their_weights_only_while_they_run(tiny_llama, tmp_path):
 def test_offload_needs_gradient_checkpointing():
     with pytest.raises(UserError, match="train.offload_base"):
         load_recipe(None, ["train.offload_base=true", "train.gradient_checkpointing=false"])
+
+
+def test_at_most_two_layers_are_on_the_device_through_a_training_step(tmp_path, memorise_data, monkeypatch):
+    """The GPU's code path on the CPU: the 4-bit weights and quant states are what backward keeps (no CPU-only
+    dequantized copy), and every device copy is a real clone, so what is alive is what a GPU would hold."""
+    monkeypatch.setattr(fused, "CPU_SPEEDUPS", False)
+    model_dir = save_tiny_random(tmp_path / "m", num_hidden_layers=6)
+    loaded = build_model(recipe_for(model_dir, memorise_data, tmp_path, "train.offload_base=true"), CPU)[0]
+    model, offload = loaded.model, loaded.offload
+    enable_checkpointing(model)
+    model.train()
+    counts = []
+    for layer in model.model.layers:
+        for block in (layer.self_attn, layer.mlp):
+            block.register_forward_pre_hook(lambda *_: counts.append(len(offload.resident())))
+            block.register_forward_hook(lambda *_: counts.append(len(offload.resident())), always_call=True)
+    for name, param in model.named_parameters():
+        if "lora_" in name:  # at every LoRA gradient, i.e. all through the backward
+            param.register_hook(lambda grad: counts.append(len(offload.resident())))
+    rows = [{"input_ids": list(range(5, 5 + n)), "labels": list(range(5, 5 + n)), "length": n} for n in (9, 13)]
+    loss, _ = token_loss_sum(model, collate_padding_free(rows))
+    loss.backward()
+    assert len(counts) > 6 * 4 and max(counts) == 2, counts
+    assert offload.resident() == set()  # nothing left on the device after the step
+    with torch.no_grad():
+        model.eval()(torch.tensor([list(range(5, 15))]))
+    assert offload.resident() == set()

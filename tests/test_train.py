@@ -1,6 +1,7 @@
 """The training loop end to end on a tiny model, and the CLI."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -212,3 +213,30 @@ def test_cross_entropy_sum_matches_torch():
         results.append((loss.detach(), h.grad, w.grad))
     for ours, reference in zip(*results, strict=True):
         torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_compute_dtype_uses_bf16_only_where_the_gpu_has_it_natively(monkeypatch):
+    """A T4 or V100 reports bf16 support only when emulation counts: those train in fp16 (simulated here)."""
+    from qlora_kit.model import compute_dtype_for
+
+    for native in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native: (
+            n or including_emulation))
+        expected = torch.bfloat16 if native else torch.float16
+        assert compute_dtype_for("auto", torch.device("cuda")) == expected
+
+
+def test_fp16_training_scales_the_loss_and_survives_overflows(tiny_llama, memorise_data, tmp_path, monkeypatch):
+    """fp16 compute (what GPUs without bf16 get): the loss is scaled, overflowing steps are skipped while the
+    scale comes down, and they do not count as divergence. Started at 2^40, the scale overflows at once."""
+    import qlora_kit.train as train_module
+
+    monkeypatch.setattr(train_module, "FP16_INITIAL_SCALE", 2.0**40)
+    out = tmp_path / "run"
+    result = train(recipe_for(tiny_llama, memorise_data, out, "quant.compute_dtype=float16", "train.max_steps=40",
+                              "train.max_bad_steps=2", "train.lr=1e-2"))
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert 0 < len(losses) < 40  # overflowing steps were skipped (and not logged), more than max_bad_steps
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    weights = load_file(result.adapter_dir / "adapter_model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
