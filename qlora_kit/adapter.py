@@ -90,10 +90,6 @@ class Adapter:
     def scale(self) -> float:
         return lora_scale(self.r, self.config["lora_alpha"], bool(self.config.get("use_rslora")))
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(iter(self.pairs.values()))[0].dtype
-
     def base_path(self, override: str | None = None) -> str:
         """The base model: `override`, else the directory training loaded, else PEFT's recorded name."""
         base = override or self.metadata.get("model_path") or self.config.get("base_model_name_or_path")

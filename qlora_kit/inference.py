@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 
 from qlora_kit import adapter as adapter_io
-from qlora_kit.lora import add_lora
+from qlora_kit.lora import add_lora, lora_dtype_for
 from qlora_kit.model import (
     LoadedModel,
     checkpoint_files,
@@ -31,15 +31,15 @@ def is_adapter_dir(path: str | Path) -> bool:
 
 
 def load_adapter_model(adapter_dir: Path, device: torch.device, compute_dtype: str = "auto",
-                       model_path: str | None = None) -> LoadedModel:
-    """The adapter's base in 4-bit, quantized as in training (settings from `qlora_kit.json`), plus the adapter."""
+                       model_path: str | None = None, quantize_from: torch.dtype | None = None) -> LoadedModel:
+    """The adapter's base in 4-bit, quantized as in training (settings from `qlora_kit.json`), plus the adapter.
+    `quantize_from`: see `load_quantized`."""
     adapter = adapter_io.read_adapter(adapter_dir)
     base = resolve_model_path(adapter.base_path(model_path))
-    loaded = load_quantized(base, adapter.quant(compute_dtype), device)
+    loaded = load_quantized(base, adapter.quant(compute_dtype), device, quantize_from=quantize_from)
     adapter.check_fits(linear_shapes(loaded.model), str(base))  # before allocating LoRA layers of any size
-    dtype = torch.bfloat16 if adapter.dtype == torch.bfloat16 else torch.float32
     add_lora(loaded.model, sorted(adapter.pairs), adapter.r, adapter.config["lora_alpha"], 0.0,
-             bool(adapter.config.get("use_rslora")), dtype)
+             bool(adapter.config.get("use_rslora")), lora_dtype_for(loaded.compute_dtype))
     adapter_io.install_adapter(loaded.model, adapter)
     loaded.model.eval()
     return loaded

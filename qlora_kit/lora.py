@@ -42,6 +42,7 @@ class LoRALinear(nn.Module):
         device = _device_of(base_layer)
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        self.base_kernel = False  # compute the base with its own forward (bitsandbytes' kernels), not fused.py
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -64,13 +65,21 @@ class LoRALinear(nn.Module):
         return y + (update * self.scale).to(y.dtype)
 
     def _fused(self, x: torch.Tensor) -> bool:
-        """Training over a 4-bit base whose compute dtype the LoRA weights share (the case `train` builds)."""
+        """A 4-bit base whose compute dtype the LoRA weights share (what `train` and the loaders build): training
+        and inference then dequantize the same way, so a model computes the same numbers with or without grad."""
         base = self.base_layer
-        return (torch.is_grad_enabled() and isinstance(base, bnb.nn.Linear4bit)
+        return (not self.base_kernel and isinstance(base, bnb.nn.Linear4bit)
                 and base.compute_dtype == self.lora_A.weight.dtype)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}"
+
+
+def lora_dtype_for(compute_dtype: torch.dtype) -> torch.dtype:
+    """LoRA weights train in bf16 where the model computes in bf16; fp16 weights are too coarse for Adam's
+    updates, so fp32 otherwise (and an fp32 model computes with fp32 LoRA, whatever dtype the adapter was saved
+    in: the upcast is exact)."""
+    return torch.bfloat16 if compute_dtype == torch.bfloat16 else torch.float32
 
 
 def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:

@@ -66,13 +66,16 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False) -> PreTrainedTok
 
 
 def load_quantized(path: Path, quant: QuantConfig, device: torch.device, trust_remote_code: bool = False,
-                   tokenizer: PreTrainedTokenizerBase | None = None, park: bool = False) -> LoadedModel:
+                   tokenizer: PreTrainedTokenizerBase | None = None, park: bool = False,
+                   quantize_from: torch.dtype | None = None) -> LoadedModel:
     """Build `path`'s model on the meta device, then stream, quantize and freeze its weights onto `device`.
-    `park`: move each 4-bit weight to CPU memory as soon as it is quantized (for `train.offload_base`)."""
+    `park`: move each 4-bit weight to CPU memory as soon as it is quantized (for `train.offload_base`).
+    `quantize_from`: the dtype weights are cast to before quantizing, when not the compute dtype (the merge
+    check computes a bf16-trained model in fp32 from the very 4-bit weights training had)."""
     dtype = compute_dtype_for(quant.compute_dtype, device)
     model = meta_model(path, dtype, trust_remote_code)
     with streaming_allocations():
-        _fill_weights(model, path, quant, dtype, device, park)
+        _fill_weights(model, path, quant, dtype, device, park, quantize_from or dtype)
     _check_complete(model, path)
     keep_4bit_layout(model)
     use_segment_attention(model)
@@ -82,7 +85,7 @@ def load_quantized(path: Path, quant: QuantConfig, device: torch.device, trust_r
 
 
 def _fill_weights(model: PreTrainedModel, path: Path, quant: QuantConfig, dtype: torch.dtype,
-                  device: torch.device, park: bool = False) -> None:
+                  device: torch.device, park: bool, quantize_from: torch.dtype) -> None:
     """Stream `path`'s tensors into the meta model: linears quantized to 4-bit, the rest cast to `dtype`."""
     config = model.config
     quantized = set(quantizable_linears(model))
@@ -92,7 +95,7 @@ def _fill_weights(model: PreTrainedModel, path: Path, quant: QuantConfig, dtype:
             continue
         module_name, _, param = name.rpartition(".")
         if module_name in quantized and param == "weight":
-            _swap_in_4bit(model, module_name, tensor.to(dtype), quant, dtype, device)
+            _swap_in_4bit(model, module_name, tensor.to(quantize_from), quant, dtype, device)
             if park and device.type != "cpu":
                 weight = model.get_submodule(module_name).weight
                 weight.data, weight.quant_state = weight.data.to("cpu"), quant_state_to(weight.quant_state, "cpu")
@@ -135,6 +138,8 @@ def use_cpu_bf16_kernel(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = True
+        if hasattr(module, "base_kernel"):  # LoRA layers: through the base layer's own forward, where it lives
+            module.base_kernel = True
 
 
 def load_config(path: Path, trust_remote_code: bool = False) -> PretrainedConfig:

@@ -38,7 +38,7 @@ from qlora_kit.errors import UserError
 from qlora_kit.files import check_free_space, exclusive
 from qlora_kit.formats import IGNORE
 from qlora_kit.fused import checkpoint_contexts
-from qlora_kit.lora import add_lora, is_lora, select_targets
+from qlora_kit.lora import add_lora, is_lora, lora_dtype_for, select_targets
 from qlora_kit.loss import token_loss_sum
 from qlora_kit.metrics import MetricsLog, available_memory_bytes, human_bytes, peak_memory_bytes
 from qlora_kit.model import LoadedModel, linear_shapes, load_quantized, load_tokenizer, quantizable_linears
@@ -78,8 +78,7 @@ def build_model(recipe: Recipe, device: torch.device, model_dir: Path | None = N
                             park=recipe.train.offload_base)
     candidates = quantizable_linears(loaded.model)
     targets = select_targets(candidates, recipe.lora.target_modules)
-    # LoRA weights train in bf16 on bf16 GPUs; fp16 weights are too coarse for Adam updates, so fp32 otherwise.
-    lora_dtype = torch.bfloat16 if loaded.compute_dtype == torch.bfloat16 else torch.float32
+    lora_dtype = lora_dtype_for(loaded.compute_dtype)
     lora = recipe.lora
     check_lora_fits(loaded.model, targets, lora.r, lora_dtype, device)
     add_lora(loaded.model, targets, lora.r, lora.alpha, lora.dropout, lora.use_rslora, lora_dtype)

@@ -26,6 +26,9 @@ from conftest import write_jsonl
 CPU = torch.device("cpu")
 IDS = torch.randint(0, 250, (2, 20), generator=torch.Generator().manual_seed(5))
 THIS_CPU_HAS_AVX512_BF16 = bool(bnb.functional.has_avx512bf16())
+# Some linears without LoRA: those run bitsandbytes' own `Linear4bit.forward`, where the repacking happens (LoRA
+# layers compute their base through fused.py).
+TARGETS = "lora.target_modules=[q_proj, v_proj]"
 
 
 @pytest.fixture(params=["avx512_bf16", "no_avx512_bf16"])
@@ -42,7 +45,7 @@ def packed_layers(model: torch.nn.Module) -> list[str]:
 
 def trained_looking_adapter(model_dir, out) -> tuple[torch.nn.Module, object]:
     """A model built as training builds it, with a non-zero adapter saved to `out`, and the saved adapter dir."""
-    recipe = load_recipe(None, [f"model.path={model_dir}", "lora.r=4", "lora.alpha=8", "lora.dropout=0"])
+    recipe = load_recipe(None, [f"model.path={model_dir}", "lora.r=4", "lora.alpha=8", "lora.dropout=0", TARGETS])
     loaded, targets, candidates = build_model(recipe, CPU)
     torch.manual_seed(1)
     for name, param in loaded.model.named_parameters():
@@ -79,7 +82,7 @@ def test_evaluation_during_training_changes_nothing_it_trains(cpu_kind, tiny_lla
     held_out = write_jsonl(tmp_path / "e.jsonl", [{"prompt": f"Reverse: {w}\n", "completion": w[::-1]}
                                                   for w in ("echo", "golf", "hotel")])
     common = [f"model.path={tiny_llama}", f"data.path={memorise_data}", "train.max_steps=6", "train.lr=1e-2",
-              "train.seq_len=64", "train.micro_batch_size=2", "lora.r=4", "lora.dropout=0"]
+              "train.seq_len=64", "train.micro_batch_size=2", "lora.r=4", "lora.dropout=0", TARGETS]
     plain = train(load_recipe(None, [*common, f"output_dir={tmp_path / 'plain'}"]))
     evaluated = train(load_recipe(None, [*common, f"output_dir={tmp_path / 'eval'}", f"data.eval_path={held_out}",
                                          "train.eval_every=2"]))

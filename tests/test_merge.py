@@ -270,3 +270,13 @@ def test_leftovers_of_a_killed_merge_are_removed_by_the_next(run_with_adapter, t
     (tmp_path / ".out.tmp-killed" / "model-00001.safetensors").write_bytes(b"half")
     merge(adapter, tmp_path / "out", dtype="float32")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_bf16_trained_adapter_is_checked_in_float32_and_its_float32_export_passes(tiny_llama, memorise_data,
+                                                                                    tmp_path):
+    """What a GPU run leaves (compute dtype bf16): the check's reference runs in fp32 from the same 4-bit
+    weights, so even a float32 export meets the float32 tolerance."""
+    adapter, _ = trained_adapter(tiny_llama, memorise_data, tmp_path / "run", "quant.compute_dtype=bfloat16")
+    assert json.loads((adapter / "qlora_kit.json").read_text())["compute_dtype"] == "bfloat16"
+    report = merge(adapter, tmp_path / "merged", dtype="float32")
+    assert report.passed and report.logits_max_abs_diff <= 1e-4 * report.logits_max_abs
