@@ -9,8 +9,8 @@
 A concatenated row carries `position_ids` restarting at 0 for each example, and label IGNORE on each example's
 first token (in a padded batch nothing predicts it either; here the previous example's last token would).
 Every batch carries `attention_mask`, 1 on real tokens and 0 on padding: the loop counts real tokens with it,
-and padded batches give it to the model. Rows with `position_ids` give the model a block-diagonal causal
-mask instead (`forward_inputs`).
+and padded batches give it to the model. Rows with `position_ids` give the model the examples' spans and,
+unless all its layers attend per example from them, a block-diagonal causal mask instead (`forward_inputs`).
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 from datasets import Dataset
+from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data import Dataset as TorchDataset
 
-from qlora_kit.attention import SEGMENTS
+from qlora_kit.attention import SEGMENTS, needs_block_mask
 from qlora_kit.formats import IGNORE
 
 Example = dict[str, Any]  # input_ids, labels (lists of ints), length
@@ -93,20 +94,27 @@ def collate_rows(rows: Sequence[Sequence[Example]], pad_id: int) -> dict[str, to
     return batch
 
 
-def forward_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The model's keyword arguments for a batch: padded batches as they are, rows with a block-diagonal mask.
+def forward_inputs(batch: dict[str, torch.Tensor], model: nn.Module | None = None) -> dict[str, Any]:
+    """The model's keyword arguments for a batch: padded batches as they are; rows of concatenated examples with
+    their position ids, the examples' spans, and a block-diagonal causal mask unless `model` does without it.
 
     Position ids alone do not keep examples apart reliably: transformers 5.24 derives the block mask from them
     only when the model runs without a KV cache; with `use_cache` on (e.g. a model loaded with its own config)
     the second example attends to the first (its logits moved by up to ~10 on the tiny test models). An
     explicit (B, 1, T, T) boolean mask, which SDPA takes as it is, works either way. It costs T^2 bytes per
-    micro-batch, e.g. 64 MiB for 4 examples of 2,048 tokens. The example spans let `attention.segment_sdpa` (the
-    attention `model.py` loads) skip the mask's wasted work; models that do not pass them down use the mask.
+    micro-batch, e.g. 64 MiB for 4 examples of 2,048 tokens, 676 MiB for 26,624 tokens.
+
+    A `model` whose every layer attends per example from the spans (`attention.needs_block_mask`) gets no block
+    mask, and an all-ones 2D mask: given zeros (padding) or, with `use_cache` off, no 2D mask, transformers would
+    build a (T x T) mask itself, where the spans already say where each row's examples and padding are.
+    Without `model`, rows get the block mask.
     """
     if "position_ids" not in batch:
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
-            "attention_mask": block_causal_mask(batch["position_ids"]), SEGMENTS: example_spans(batch)}
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], SEGMENTS: example_spans(batch)}
+    if model is not None and not needs_block_mask(model):
+        return inputs | {"attention_mask": torch.ones_like(batch["attention_mask"])}
+    return inputs | {"attention_mask": block_causal_mask(batch["position_ids"])}
 
 
 def example_spans(batch: dict[str, torch.Tensor]) -> tuple[tuple[tuple[int, int], ...], ...]:

@@ -3,8 +3,9 @@
     output_dir/checkpoints/step-N/
         adapter/                 the LoRA weights in PEFT's format (as `output_dir/adapter`), loadable on its own
         optimizer.safetensors    every optimizer state tensor, keyed by its path in `optimizer.state_dict()`
-        rng.safetensors          torch's CPU RNG state and one per CUDA device (uint8 tensors)
-        trainer_state.json       step, data position, scheduler, optimizer scalars, python + numpy RNG states
+        rng.safetensors          each process's torch RNG states, CPU and per CUDA device (uint8 tensors)
+        trainer_state.json       step, data position, scheduler, optimizer scalars, each process's python + numpy
+                                 RNG states, the data's fingerprint
         recipe.yaml              the resolved recipe, to refuse resuming with an incompatible one
         COMPLETE                 written last: {file: [size, sha256]}; a directory without it is unused
 
@@ -182,17 +183,22 @@ def previous_run(output_dir: Path) -> list[str]:
 
 
 def save_checkpoint(output_dir: Path, state: TrainerState, write_adapter, optimizer: torch.optim.Optimizer,
-                    scheduler, scaler, recipe_yaml: str, data_fingerprint: str = "") -> Path:
-    """Write checkpoint `step-N` atomically; `write_adapter(dir)` saves the LoRA weights in PEFT format there."""
+                    scheduler, scaler, recipe_yaml: str, data_fingerprint: str = "",
+                    rng: list[dict] | None = None) -> Path:
+    """Write checkpoint `step-N` atomically; `write_adapter(dir)` saves the LoRA weights in PEFT format there.
+    `rng`: every process's `process_rng()`, in rank order (default: this process's alone)."""
+    rng = rng or [process_rng()]
     target = checkpoints_dir(output_dir) / f"step-{state.step}"
     with staged_dir(target) as tmp:
         write_adapter(tmp / "adapter")
         optim_json, optim_tensors = split_tensors(optimizer.state_dict(), "")
         save_file(optim_tensors, tmp / "optimizer.safetensors")
-        save_file(rng_tensors(), tmp / "rng.safetensors")
+        save_file({f"{name}.{rank}": t for rank, r in enumerate(rng) for name, t in r["tensors"].items()},
+                  tmp / "rng.safetensors")
         trainer = {"step": state.step, "epoch": state.epoch, "consumed": state.consumed, "optimizer": optim_json,
                    "scheduler": scheduler.state_dict(),  # LambdaLR stores None for a plain function
-                   "python_rng": _python_rng_to_json(), "numpy_rng": _numpy_rng_to_json(),
+                   "processes": len(rng), "python_rng": [r["python"] for r in rng],
+                   "numpy_rng": [r["numpy"] for r in rng],
                    "loss_scaler": scaler.state_dict() if scaler is not None else {},
                    "data_fingerprint": data_fingerprint}
         (tmp / "trainer_state.json").write_text(json.dumps(trainer))
@@ -250,11 +256,36 @@ def _from_json_key(key: Any) -> Any:
     return key["int"] if isinstance(key, dict) else key
 
 
-def rng_tensors() -> dict[str, torch.Tensor]:
-    states = {"torch": torch.get_rng_state()}
+def process_rng() -> dict:
+    """This process's random number generators: torch's (CPU and each CUDA device's), Python's and numpy's. Each
+    process of a distributed run has its own (dropout masks differ in size from rank to rank), so a checkpoint
+    keeps them all and a resumed process takes back its own."""
+    tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        states |= {f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-    return states
+        tensors |= {f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    return {"tensors": tensors, "python": _python_rng_to_json(), "numpy": _numpy_rng_to_json()}
+
+
+def _restore_rng(path: Path, trainer: dict, rank: int) -> None:
+    rng = load_file(path / "rng.safetensors")
+    python, numpy = trainer["python_rng"], trainer["numpy_rng"]
+    if "torch" in rng:  # written before checkpoints kept every process's state: rank 0's for all
+        rng = {f"{k.replace('cuda.', 'cuda')}.{rank}": v for k, v in rng.items()}
+        python, numpy = [python] * (rank + 1), [numpy] * (rank + 1)
+    torch.set_rng_state(rng[f"torch.{rank}"])
+    if torch.cuda.is_available():
+        states = [rng.get(f"cuda{i}.{rank}") for i in range(torch.cuda.device_count())]
+        if all(s is not None for s in states):
+            torch.cuda.set_rng_state_all(states)
+    version, internal, gauss = python[rank]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = numpy[rank]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def checkpoint_processes(path: Path) -> int:
+    """How many processes trained checkpoint `path` (older checkpoints did not say: 1)."""
+    return json.loads((path / "trainer_state.json").read_text()).get("processes", 1)
 
 
 def _python_rng_to_json() -> list:
@@ -275,8 +306,9 @@ def checkpoint_step(path: Path) -> int:
 
 
 def load_checkpoint(path: Path, load_adapter, optimizer: torch.optim.Optimizer, scheduler,
-                    scaler=None) -> TrainerState:
-    """Restore the adapter (`load_adapter(dir)`), optimizer, scheduler and every RNG; return where to continue.
+                    scaler=None, rank: int = 0) -> TrainerState:
+    """Restore the adapter (`load_adapter(dir)`), optimizer, scheduler and process `rank`'s RNGs; return where
+    to continue.
 
     Call it after everything that draws random numbers at setup (LoRA init), right before the loop.
     """
@@ -286,14 +318,7 @@ def load_checkpoint(path: Path, load_adapter, optimizer: torch.optim.Optimizer, 
     scheduler.load_state_dict(trainer["scheduler"])
     if scaler is not None and trainer.get("loss_scaler"):
         scaler.load_state_dict(trainer["loss_scaler"])
-    rng = load_file(path / "rng.safetensors")
-    torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available() and "cuda.0" in rng:
-        torch.cuda.set_rng_state_all([rng[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in rng])
-    version, internal, gauss = trainer["python_rng"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = trainer["numpy_rng"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    _restore_rng(path, trainer, rank)
     return TrainerState(trainer["step"], trainer["epoch"], trainer["consumed"])
 
 

@@ -42,7 +42,7 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor],
     keep = mask.any(dim=0).nonzero().squeeze(1)  # positions whose next token is a label, in any row
     n = int(mask.sum())
     if not _takes_logits_to_keep(model):
-        logits = model(**forward_inputs(batch)).logits[:, :-1]
+        logits = model(**forward_inputs(batch, model)).logits[:, :-1]
         return cross_entropy_sum(logits[mask].float(), targets[mask]), n
     targets, mask = targets[:, keep], mask[:, keep]
     inner = getattr(model, "module", model)  # DDP wraps the model
@@ -50,10 +50,10 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor],
     plain = _plain_head(inner, head)
     chunk = max(1, chunk_bytes // (4 * head.weight.shape[0])) if plain else n
     if n <= chunk:
-        logits = model(**forward_inputs(batch), logits_to_keep=keep).logits  # (batch, len(keep), vocab)
+        logits = model(**forward_inputs(batch, model), logits_to_keep=keep).logits  # (batch, len(keep), vocab)
         return cross_entropy_sum(_labelled(logits, mask).float(), _labelled(targets, mask)), n
     with _head_returns_hidden(inner, head):
-        hidden = _labelled(model(**forward_inputs(batch), logits_to_keep=keep).logits, mask)  # (n, hidden)
+        hidden = _labelled(model(**forward_inputs(batch, model), logits_to_keep=keep).logits, mask)  # (n, hidden)
     targets = _labelled(targets, mask)
     total = sum(checkpoint(_loss_sum, hidden[i:i + chunk], head.weight, targets[i:i + chunk], use_reentrant=False)
                 for i in range(0, n, chunk))

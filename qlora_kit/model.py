@@ -155,8 +155,10 @@ def meta_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code
     """The model of `path`'s config.json with parameters on the meta device (no memory, no weights read)."""
     config = load_config(path, trust_remote_code)
     config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    # attn_implementation None: transformers' choice, SDPA where the model supports it, else eager (Gemma 2: SDPA
+    # has no logit soft-capping); `use_segment_attention` then adapts either to rows of concatenated examples.
     with init_empty_weights(include_buffers=False):  # params on meta; buffers (rotary freqs) computed for real
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa",
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=None,
                                                 trust_remote_code=trust_remote_code)
 
 

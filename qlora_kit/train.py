@@ -15,6 +15,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -22,13 +23,14 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from qlora_kit import adapter as adapter_io
 from qlora_kit import checkpoint as ckpt
+from qlora_kit.attention import describe_attention
 from qlora_kit.batching import build_loader, padded_slots
 from qlora_kit.checkpoint import TrainerState
 from qlora_kit.config import Recipe, save_recipe, to_dict
@@ -49,6 +51,12 @@ from qlora_kit.report import draw_report, open_tensorboard, write_tensorboard
 from qlora_kit.sources import fingerprint
 from qlora_kit.watchdog import Watchdog
 from qlora_kit.zoo import resolve_model_path
+
+# How long a process waits for the others at a collective before the run fails. Rank 0 alone tokenises the data
+# (the others then read its cache) and runs `train.merge_after`: on large data or a 70B merge that outlasts
+# NCCL's 10-minute default, which would kill a healthy run. A crashed rank still ends the run at once (torchrun
+# stops the others).
+PROCESS_GROUP_TIMEOUT = timedelta(hours=3)
 
 
 @dataclass
@@ -120,7 +128,8 @@ def train(recipe: Recipe, overwrite: bool = False, resume: str | bool | None = N
 
     The main process holds output_dir's lock for the whole run: a second run into it is refused at once."""
     # cpu=True without a GPU: Accelerate then forms a gloo process group under torchrun (it would not otherwise)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)])
     out = Path(recipe.output_dir)
     check_output_dir(out)
     with exclusive(out, "'output_dir'") if accelerator.is_main_process else contextlib.nullcontext():
@@ -150,7 +159,7 @@ def _train(recipe: Recipe, accelerator: Accelerator, overwrite: bool, resume: st
         train_data, eval_data = load_data(recipe.data, tokenizer, t.seq_len, recipe.seed, recipe.allow_network)
     data_fingerprint = fingerprint(recipe.data.path, recipe.allow_network)
     if resume_from:
-        check_resumable(recipe, resume_from, data_fingerprint)
+        check_resumable(recipe, resume_from, data_fingerprint, accelerator.num_processes)
     if main:
         print(f"data: {train_data.summary()}" + (f"; eval: {eval_data.summary()}" if eval_data else ""),
               file=sys.stderr)
@@ -160,6 +169,8 @@ def _train(recipe: Recipe, accelerator: Accelerator, overwrite: bool, resume: st
     # ---- model: 4-bit frozen base + LoRA, checkpointing
     loaded, targets, candidates = build_model(recipe, accelerator.device, model_dir, tokenizer)
     model = loaded.model
+    if main:
+        print(f"attention: {describe_attention(model)}", file=sys.stderr)
     if t.gradient_checkpointing:
         enable_checkpointing(model)
     model.train()
@@ -187,7 +198,7 @@ def _train(recipe: Recipe, accelerator: Accelerator, overwrite: bool, resume: st
     state = TrainerState(0, 0, 0)
     if resume_from:
         state = ckpt.load_checkpoint(resume_from, partial(adapter_io.load_adapter_weights, unwrapped), optimizer,
-                                     scheduler, scaler)
+                                     scheduler, scaler, accelerator.process_index)
         if state.step >= total_steps:
             return already_finished(recipe, state.step, total_steps, resume_from, accelerator, unwrapped)
         if main:
@@ -298,8 +309,13 @@ def _train(recipe: Recipe, accelerator: Accelerator, overwrite: bool, resume: st
                        last_checkpoint)
 
 
-def check_resumable(recipe: Recipe, checkpoint: Path, data_fingerprint: str) -> None:
-    """Refuse to resume with settings the checkpoint cannot honour (see `checkpoint.RESUMABLE`) or other data."""
+def check_resumable(recipe: Recipe, checkpoint: Path, data_fingerprint: str, processes: int) -> None:
+    """Refuse to resume with settings the checkpoint cannot honour (see `checkpoint.RESUMABLE`), other data or
+    another number of processes (each process's share of the batches would change)."""
+    trained_by = ckpt.checkpoint_processes(checkpoint)
+    if trained_by != processes:
+        raise UserError(f"--resume: {checkpoint} was trained by {trained_by} process(es), this run has {processes}: "
+                        "each process's share of the batches would change; resume with the same number")
     saved = yaml.safe_load((checkpoint / "recipe.yaml").read_text())
     flat_saved, flat_ours = ckpt.flatten(saved), ckpt.flatten(to_dict(recipe))
     differ = ckpt.unresumable_changes(flat_saved, flat_ours)
@@ -319,12 +335,12 @@ def save_checkpoint(recipe: Recipe, state: TrainerState, write_adapter, optimize
                     accelerator: Accelerator, checkpoint_bytes: int, data_fingerprint: str) -> Path:
     """Rank 0 writes the checkpoint (after a free-space check) and prunes old ones; every rank gets its path."""
     out = Path(recipe.output_dir)
-    accelerator.wait_for_everyone()
+    rng = gather_object([ckpt.process_rng()]) if accelerator.num_processes > 1 else [ckpt.process_rng()]
     path = ckpt.checkpoints_dir(out) / f"step-{state.step}"
     if accelerator.is_main_process:
         check_free_space(ckpt.checkpoints_dir(out), checkpoint_bytes, "a checkpoint")
         path = ckpt.save_checkpoint(out, state, write_adapter, optimizer, scheduler, scaler,
-                                    yaml.safe_dump(to_dict(recipe), sort_keys=False), data_fingerprint)
+                                    yaml.safe_dump(to_dict(recipe), sort_keys=False), data_fingerprint, rng)
         ckpt.prune(out, recipe.train.keep_checkpoints)
     accelerator.wait_for_everyone()
     return path

@@ -9,13 +9,22 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, Phi3Config, Qwen2Config
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Gemma2Config, LlamaConfig, Phi3Config, Qwen2Config
 
 from qlora_kit.zoo import save_tiny_random
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download; fail fast instead of retrying a hub
 
-CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "phi3": Phi3Config}
+# Gemma 2 refuses SDPA (its attention soft-caps logits), so it runs eager attention
+CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "phi3": Phi3Config, "gemma2": Gemma2Config}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip themselves on machines without a CUDA GPU."""
+    if not torch.cuda.is_available():
+        for item in items:
+            if item.get_closest_marker("cuda"):
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
 def make_tiny_model(out: Path, arch: str = "llama", tie: bool = False, dtype: torch.dtype = torch.float32) -> Path:

@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,9 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from transformers import AutoModelForCausalLM
 
-from qlora_kit.attention import use_segment_attention
+from qlora_kit import attention
+from qlora_kit.attention import SEGMENTS, needs_block_mask, per_example_sdpa, segment_sdpa, use_segment_attention
 from qlora_kit.batching import (
     LengthGroupedBatches,
     block_causal_mask,
@@ -407,23 +412,99 @@ def test_each_layout_gives_each_example_its_loss_alone(tiny_models, arch):
         assert not torch.allclose(per_example_loss_sums(leaky, free, owner, len(examples)), alone, atol=1e-2)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
-def test_segment_attention_keeps_examples_apart_without_the_mask(tiny_models, arch):
-    """`segment_sdpa` attends within each example from the spans alone: with the block mask taken away, each
-    example still gets its loss alone (the control above shows that without either they see each other)."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_models[arch], attn_implementation="sdpa").eval()
+class QuadraticTensors(TorchDispatchMode):
+    """Records every op that makes a tensor whose last two dims are (t, t): over a row of t tokens, a block mask
+    or attention scores across the whole row."""
+
+    def __init__(self, t: int) -> None:
+        super().__init__()
+        self.t, self.ops = t, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(isinstance(x, torch.Tensor) and x.dim() >= 2 and tuple(x.shape[-2:]) == (self.t, self.t)
+               for x in tree_leaves(out)):
+            self.ops.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "gemma2"])
+def test_rows_attend_per_example_and_build_no_row_sized_mask(tiny_models, arch):
+    """With the attention qlora-kit sets up (transformers' choice of SDPA or eager, then `use_segment_attention`;
+    use_cache left on), each example of a concatenated row gets its loss alone. Models whose every layer attends
+    per example from the spans make no (T x T) tensor at all; Gemma 2 refuses SDPA, runs eager attention, and
+    keeps the block mask (which also shows that the watch sees one)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[arch]).eval()
     use_segment_attention(model)
+    per_example = arch != "gemma2"
+    assert needs_block_mask(model) is not per_example
     examples = random_examples([6, 11, 16, 21, 26])
     with torch.no_grad():
         alone = torch.stack([per_example_loss_sums(model(torch.tensor([e["input_ids"]])).logits, collate([e], 0),
                                                    torch.zeros(1, e["length"], dtype=torch.long), 1)[0]
                              for e in examples])
         for name, batch, owner in layouts(examples, seq_len=32)[:2]:  # the concatenated layouts
-            inputs = forward_inputs(batch)
-            del inputs["attention_mask"]
-            logits = model(**inputs).logits
+            with QuadraticTensors(batch["input_ids"].shape[1]) as watch:
+                logits = model(**forward_inputs(batch, model)).logits
             torch.testing.assert_close(per_example_loss_sums(logits, batch, owner, len(examples)), alone,
                                        rtol=1e-5, atol=1e-5, msg=name)
+            if name == "padding_free":  # one row of 80 tokens; no example is longer than 26
+                assert bool(watch.ops) is not per_example, watch.ops
+            # the training loop's loss, with the inputs it gives the model
+            torch.testing.assert_close(token_loss_sum(model, batch)[0], alone.sum(), rtol=1e-5, atol=1e-5)
+
+
+def reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                     enable_gqa=False):
+    """`torch.nn.attention.varlen.varlen_attn`'s contract, by SDPA per sequence (the kernel runs on CUDA only):
+    (total, heads, head_dim) q/k/v cut into sequences at `cu_seq_q`; window (-1, 0) is causal."""
+    assert window_size == (-1, 0) and torch.equal(cu_seq_q, cu_seq_k) and cu_seq_q.dtype == torch.int32
+    bounds = cu_seq_q.tolist()
+    assert bounds[0] == 0 and bounds[-1] == query.shape[0] and max_q == max_k == max(b - a for a, b in pairwise(bounds))
+    return torch.cat([F.scaled_dot_product_attention(*(x[a:b].transpose(0, 1) for x in (query, key, value)),
+                                                     is_causal=True, scale=scale, enable_gqa=enable_gqa).transpose(0, 1)
+                      for a, b in pairwise(bounds)])
+
+
+def segments_and_qkv(t, dtype=torch.float32, device="cpu", seed=0):
+    """Two rows of t tokens (three examples; one example and padding), 4 query heads sharing 2 key/value heads."""
+    segments = (((0, t // 4), (t // 4, t - 5), (t - 5, t)), ((0, 2 * t // 3),))
+    g = torch.Generator(device).manual_seed(seed)
+    q, k, v = (torch.randn(2, heads, t, 16, generator=g, device=device).to(dtype).requires_grad_()
+               for heads in (4, 2, 2))
+    real = torch.ones(2, t, dtype=torch.bool, device=device)
+    real[1, 2 * t // 3:] = False
+    return segments, q, k, v, real
+
+
+def test_the_varlen_branch_cuts_rows_where_the_examples_are(monkeypatch):
+    """`segment_sdpa`'s CUDA branch (one variable-length kernel call for the whole batch), simulated on CPU with
+    the kernel's contract, gives what per-example SDPA gives, and finite numbers on padding."""
+    monkeypatch.setattr(attention, "varlen_attn", reference_varlen)
+    monkeypatch.setattr(attention, "_varlen_ok", lambda *args: True)
+    segments, q, k, v, real = segments_and_qkv(12)
+    out, _ = segment_sdpa(nn.Module(), q, k, v, None, scaling=0.3, **{SEGMENTS: segments})
+    expected = per_example_sdpa(q, k, v, segments, 0.0, 0.3, gqa=True)
+    assert out.shape == expected.shape == (2, 12, 4, 16) and out.isfinite().all()
+    torch.testing.assert_close(out[real], expected[real])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_varlen_kernel_equals_per_example_sdpa(dtype):
+    """On CUDA, fp16/bf16 rows go through `torch.nn.attention.varlen` (flash attention has no fp32, which stays
+    per example); outputs and gradients equal per-example SDPA's."""
+    segments, q, k, v, real = segments_and_qkv(1024, dtype, "cuda")
+    assert attention._varlen_ok(q, k, v, 0.0, True) is (dtype != torch.float32)
+    out, _ = segment_sdpa(nn.Module(), q, k, v, None, scaling=0.25, **{SEGMENTS: segments})
+    expected = per_example_sdpa(q, k, v, segments, 0.0, 0.25, gqa=True)
+    tol = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-5}[dtype]
+    torch.testing.assert_close(out[real], expected[real], rtol=tol, atol=tol)
+    upstream = torch.randn_like(out[real])
+    grads = torch.autograd.grad(out[real], (q, k, v), upstream)
+    expected_grads = torch.autograd.grad(expected[real], (q, k, v), upstream)
+    for name, grad, want in zip("qkv", grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, want, rtol=2 * tol, atol=2 * tol, msg=name)
 
 
 def test_padding_free_gradients_equal_padded_gradients(tiny_llama, tmp_path):
@@ -491,6 +572,16 @@ def test_every_format_trains_from_jsonl(tiny_llama, tmp_path, capsys, fmt, packi
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
     assert f"data: 4 examples ({fmt})" in capsys.readouterr().err
+
+
+def test_a_model_that_refuses_sdpa_trains_padding_free(tiny_models, tmp_path):
+    """Gemma 2 (its attention soft-caps logits, which SDPA cannot) trains on eager attention."""
+    data = write_jsonl(tmp_path / "d.jsonl", FORMAT_ROWS["prompt_completion"])
+    train(load_recipe(None, [f"model.path={tiny_models['gemma2']}", f"data.path={data}",
+                             f"output_dir={tmp_path / 'run'}", "train.seq_len=64", "train.micro_batch_size=2",
+                             "train.max_steps=2", "lora.r=4"]))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
 
 
 def test_eval_loss_is_logged_and_equals_the_trained_models_loss(tiny_llama, tmp_path, capsys):

@@ -69,3 +69,26 @@ def test_fsdp_start_up_checks_catch_what_trains_garbage(tiny_llama):
     assert "fsdp_version: 1" in fsdp_problems(fine, "float32", 2, True, None)[0]
     assert "fsdp_use_orig_params: true" in fsdp_problems(fine, "float32", 1, False, None)[0]
     assert "mixed_precision: 'no'" in fsdp_problems(fine, "float32", 1, True, torch.bfloat16)[0]
+
+
+def test_a_resumed_two_rank_run_equals_an_uninterrupted_one(tiny_llama, tmp_path):
+    """Each rank draws its own dropout masks (its micro-batches differ in size), so each must get its own RNG
+    state back on resume; and resuming with another number of processes is refused."""
+    rows = [{"prompt": f"Reverse: {w}\n", "completion": w[::-1] * (1 + i % 3)}
+            for i, w in enumerate(("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"))]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    common = [f"model.path={tiny_llama}", f"data.path={data}", "train.seq_len=64", "train.micro_batch_size=1",
+              "train.lr=1e-2", "lora.r=4", "lora.dropout=0.1", "train.save_every=2", "train.lr_schedule=constant"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("{}\n")
+    straight = run([recipe, *common, "train.max_steps=4", f"output_dir={tmp_path / 'straight'}"], nproc=2)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = run([recipe, *common, "train.max_steps=2", f"output_dir={tmp_path / 'resumed'}"], nproc=2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    alone = run([recipe, *common, "train.max_steps=4", f"output_dir={tmp_path / 'resumed'}", "--resume"])
+    assert alone.returncode == 2 and "trained by 2 process(es), this run has 1" in alone.stderr
+    resumed = run([recipe, *common, "train.max_steps=4", f"output_dir={tmp_path / 'resumed'}", "--resume"], nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
