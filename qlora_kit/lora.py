@@ -43,6 +43,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         self.base_kernel = False  # compute the base with its own forward (bitsandbytes' kernels), not fused.py
+        self.lora_dtype = dtype
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -60,15 +61,16 @@ class LoRALinear(nn.Module):
                           self.lora_B.weight, base.weight.data, base.weight.quant_state, base.bias, self.scale, p)
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         y = self.base_layer(x)
-        lora_dtype = self.lora_A.weight.dtype
-        update = self.lora_B(self.lora_A(self.dropout(x.to(lora_dtype))))
+        update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_dtype))))
         return y + (update * self.scale).to(y.dtype)
 
     def _fused(self, x: torch.Tensor) -> bool:
         """A 4-bit base whose compute dtype the LoRA weights share (what `train` and the loaders build): training
-        and inference then dequantize the same way, so a model computes the same numbers with or without grad."""
+        and inference then dequantize the same way, so a model computes the same numbers with or without grad.
+        Not when FSDP wraps the LoRA matrices as units of their own (`distributed.wrap_fsdp`): their weights
+        exist whole only while their own modules run."""
         base = self.base_layer
-        return (not self.base_kernel and isinstance(base, bnb.nn.Linear4bit)
+        return (not self.base_kernel and isinstance(base, bnb.nn.Linear4bit) and type(self.lora_A) is nn.Linear
                 and base.compute_dtype == self.lora_A.weight.dtype)
 
     def extra_repr(self) -> str:

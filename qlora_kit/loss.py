@@ -22,6 +22,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from qlora_kit.batching import forward_inputs
@@ -45,9 +46,10 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor],
         logits = model(**forward_inputs(batch, model)).logits[:, :-1]
         return cross_entropy_sum(logits[mask].float(), targets[mask]), n
     targets, mask = targets[:, keep], mask[:, keep]
-    inner = getattr(model, "module", model)  # DDP wraps the model
+    inner = getattr(model, "module", model)  # DDP and FSDP wrap the model
     head = inner.get_output_embeddings()
-    plain = _plain_head(inner, head)
+    # Chunks read the head's weight outside the model's forward, where FSDP holds only this process's shard.
+    plain = not isinstance(model, FullyShardedDataParallel) and _plain_head(inner, head)
     chunk = max(1, chunk_bytes // (4 * head.weight.shape[0])) if plain else n
     if n <= chunk:
         logits = model(**forward_inputs(batch, model), logits_to_keep=keep).logits  # (batch, len(keep), vocab)

@@ -67,16 +67,22 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False) -> PreTrainedTok
 
 def load_quantized(path: Path, quant: QuantConfig, device: torch.device, trust_remote_code: bool = False,
                    tokenizer: PreTrainedTokenizerBase | None = None, park: bool = False,
-                   quantize_from: torch.dtype | None = None) -> LoadedModel:
+                   quantize_from: torch.dtype | None = None, read_weights: bool = True) -> LoadedModel:
     """Build `path`'s model on the meta device, then stream, quantize and freeze its weights onto `device`.
-    `park`: move each 4-bit weight to CPU memory as soon as it is quantized (for `train.offload_base`).
+    `park`: move each 4-bit weight to CPU memory as soon as it is quantized (for `train.offload_base`, FSDP).
     `quantize_from`: the dtype weights are cast to before quantizing, when not the compute dtype (the merge
-    check computes a bf16-trained model in fp32 from the very 4-bit weights training had)."""
+    check computes a bf16-trained model in fp32 from the very 4-bit weights training had).
+    `read_weights=False`: read nothing; every parameter stays on the meta device, the 4-bit ones in their
+    packed shape (FSDP's other processes, which receive the weights from the main one)."""
     dtype = compute_dtype_for(quant.compute_dtype, device)
     model = meta_model(path, dtype, trust_remote_code)
-    with streaming_allocations():
-        _fill_weights(model, path, quant, dtype, device, park, quantize_from or dtype)
-    _check_complete(model, path)
+    if not read_weights:
+        for name in quantizable_linears(model):
+            _swap_in_4bit(model, name, None, quant, dtype, torch.device("meta"))
+    else:
+        with streaming_allocations():
+            _fill_weights(model, path, quant, dtype, device, park, quantize_from or dtype)
+        _check_complete(model, path)
     keep_4bit_layout(model)
     use_segment_attention(model)
     model.requires_grad_(False)
@@ -211,9 +217,10 @@ def _stream_checkpoint(path: Path):
             yield name, tensor
 
 
-def _swap_in_4bit(model: nn.Module, name: str, weight: torch.Tensor, quant: QuantConfig,
+def _swap_in_4bit(model: nn.Module, name: str, weight: torch.Tensor | None, quant: QuantConfig,
                   dtype: torch.dtype, device: torch.device) -> None:
-    """Replace the meta `nn.Linear` called `name` by a frozen `bnb.nn.Linear4bit` holding `weight` quantized."""
+    """Replace the meta `nn.Linear` called `name` by a frozen `bnb.nn.Linear4bit` holding `weight` quantized
+    (None: an empty meta shell of the packed shape, quantization state to come)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name)
     linear = getattr(parent, child)
@@ -221,9 +228,17 @@ def _swap_in_4bit(model: nn.Module, name: str, weight: torch.Tensor, quant: Quan
     q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                           compute_dtype=dtype, compress_statistics=quant.double_quant,
                           quant_type=quant.quant_type, quant_storage=storage, device="meta")
+    # module=q: quantizing also sets `q.quant_state`, where bitsandbytes finds the state again when FSDP hands the
+    # layer a plain view of its weight. `.to` quantizes, on the device.
+    packed = weight is None
+    if packed:  # two 4-bit values a byte, in storage-dtype elements: the shape bitsandbytes gives the real one
+        weight = torch.empty((linear.in_features * linear.out_features + 1) // 2 // storage.itemsize, 1,
+                             dtype=storage, device="meta")
     q.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=quant.double_quant,
-                                 quant_type=quant.quant_type, blocksize=quant.blocksize,
-                                 quant_storage=storage).to(device)  # `.to` quantizes, on the device
+                                 quant_type=quant.quant_type, blocksize=quant.blocksize, quant_storage=storage,
+                                 module=q, bnb_quantized=packed)
+    if not packed:
+        q.weight = q.weight.to(device)
     if linear.bias is not None:
         q.bias = linear.bias  # still meta if the bias comes later in the checkpoint; `_assign` fills it
     setattr(parent, child, q)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object, set_seed
+from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -35,12 +35,12 @@ from qlora_kit.batching import build_loader, padded_slots
 from qlora_kit.checkpoint import TrainerState
 from qlora_kit.config import Recipe, save_recipe, to_dict
 from qlora_kit.data import load_data
-from qlora_kit.distributed import check_fsdp
+from qlora_kit.distributed import check_fsdp, fsdp_plugin, lora_state, wrap_fsdp
 from qlora_kit.errors import UserError
 from qlora_kit.files import check_free_space, exclusive
 from qlora_kit.formats import IGNORE
 from qlora_kit.fused import checkpoint_contexts
-from qlora_kit.lora import add_lora, is_lora, lora_dtype_for, select_targets
+from qlora_kit.lora import add_lora, lora_dtype_for, select_targets
 from qlora_kit.loss import token_loss_sum
 from qlora_kit.metrics import MetricsLog, available_memory_bytes, human_bytes, peak_memory_bytes
 from qlora_kit.model import LoadedModel, linear_shapes, load_quantized, load_tokenizer, quantizable_linears
@@ -74,7 +74,8 @@ class TrainResult:
 
 
 def build_model(recipe: Recipe, device: torch.device, model_dir: Path | None = None,
-                tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[LoadedModel, list[str], list[str]]:
+                tokenizer: PreTrainedTokenizerBase | None = None,
+                read_weights: bool = True) -> tuple[LoadedModel, list[str], list[str]]:
     """Load the 4-bit base and wrap the targeted linears in LoRA (from `model.adapter` if set).
 
     `model_dir` and `tokenizer`, when the caller has them, save resolving `model.path` again (hashing a GGUF
@@ -83,7 +84,7 @@ def build_model(recipe: Recipe, device: torch.device, model_dir: Path | None = N
     """
     model_dir = model_dir or resolve_model_path(recipe.model.path, recipe.allow_network)
     loaded = load_quantized(model_dir, recipe.quant, device, recipe.model.trust_remote_code, tokenizer,
-                            park=recipe.train.offload_base)
+                            park=recipe.train.offload_base or not read_weights, read_weights=read_weights)
     candidates = quantizable_linears(loaded.model)
     targets = select_targets(candidates, recipe.lora.target_modules)
     lora_dtype = lora_dtype_for(loaded.compute_dtype)
@@ -147,7 +148,11 @@ def _train(recipe: Recipe, accelerator: Accelerator, overwrite: bool, resume: st
     resume_from = ckpt.resolve_resume(resume, out) if resume else None
     if resume and resume_from is None and main:
         print(f"resume: {out} holds no completed step yet; starting from step 0", file=sys.stderr)
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    plugin = fsdp_plugin(accelerator)
+    fsdp = plugin is not None
+    if fsdp and t.offload_base:
+        raise UserError("train.offload_base cannot be combined with FSDP: FSDP already keeps each process's share "
+                        "of the layers (with fsdp_offload_params, in CPU memory)")
     if fsdp and (t.save_every or resume_from):  # the optimizer state is sharded: rank 0's part cannot resume a run
         raise UserError("FSDP: checkpoints are not supported yet (train.save_every must be 0, no --resume); the "
                         "final adapter is saved")
@@ -167,15 +172,21 @@ def _train(recipe: Recipe, accelerator: Accelerator, overwrite: bool, resume: st
         save_recipe(recipe, out / "recipe.yaml")
 
     # ---- model: 4-bit frozen base + LoRA, checkpointing
-    loaded, targets, candidates = build_model(recipe, accelerator.device, model_dir, tokenizer)
+    # FSDP: the main process alone reads the weights, parked in CPU memory until FSDP shards them onto the GPUs
+    loaded, targets, candidates = build_model(recipe, accelerator.device, model_dir, tokenizer,
+                                              read_weights=main or not fsdp)
     model = loaded.model
     if main:
         print(f"attention: {describe_attention(model)}", file=sys.stderr)
     if t.gradient_checkpointing:
         enable_checkpointing(model)
     model.train()
-    if accelerator.distributed_type == DistributedType.FSDP:  # before wrapping: wrong settings train garbage
-        check_fsdp(model, recipe.quant.storage_dtype, accelerator.state.fsdp_plugin)
+    if fsdp:  # before wrapping: wrong settings train garbage
+        check_fsdp(model, recipe.quant.storage_dtype, plugin)
+        model = wrap_fsdp(model, plugin, accelerator.device)
+        if main:
+            print(f"fsdp: {plugin.sharding_strategy.name} over {accelerator.num_processes} processes; weights read by "
+                  "this process alone; LoRA matrices sharded as units of their own", file=sys.stderr)
 
     # ---- batches, optimizer, schedule
     batches = partial(build_loader, packing=recipe.data.packing, micro_batch_size=t.micro_batch_size,
@@ -183,13 +194,16 @@ def _train(recipe: Recipe, accelerator: Accelerator, overwrite: bool, resume: st
     loader = batches(train_data.dataset)
     eval_loader = accelerator.prepare(batches(eval_data.dataset, shuffle=False)) if eval_data else None
     optimizer = build_optimizer(model, recipe.optim, t.lr)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if fsdp:  # wrapped already: Accelerate would wrap it again (in DDP, on CPUs)
+        optimizer, loader = accelerator.prepare(optimizer, loader)
+    else:
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     steps_per_epoch = math.ceil(len(loader) / t.grad_accum)
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, t, total_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
     scaler = loss_scaler(loaded.compute_dtype, accelerator.device)
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = model.module if fsdp else accelerator.unwrap_model(model)
     write_adapter = partial(save_run_adapter, recipe, loaded, unwrapped, targets, candidates)
     checkpoint_bytes = ckpt.estimate_bytes(unwrapped)
     if main:  # a checkpoint and the final adapter must fit; better to know now than after hours of training
@@ -228,7 +242,9 @@ def _train(recipe: Recipe, accelerator: Accelerator, overwrite: bool, resume: st
                     accelerator.backward(scaler.scale(batch_loss * accelerator.num_processes / max(label_tokens, 1)))
                 loss_sum += batch_loss.detach()
             scaler.unscale_(optimizer)
-            grad_norm = float(accelerator.clip_grad_norm_(trainable, t.max_grad_norm or float("inf")))
+            # FSDP: the norm of all the shards together, the same on every process (a local one would differ)
+            grad_norm = float(model.clip_grad_norm_(t.max_grad_norm or float("inf")) if fsdp else
+                              accelerator.clip_grad_norm_(trainable, t.max_grad_norm or float("inf")))
             loss = accelerator.reduce(loss_sum, "sum").item() / max(label_tokens, 1)
             # fp16: gradients that overflowed at the current loss scale are the scaler's to handle (it skips the
             # step and lowers the scale), not a sign of divergence
@@ -282,8 +298,8 @@ def _train(recipe: Recipe, accelerator: Accelerator, overwrite: bool, resume: st
             board.close()
     if stop:
         return stopped_early(recipe, step, total_steps, last_checkpoint, accelerator, total_tokens, loss, unwrapped)
-    # FSDP: every rank takes part in gathering the full LoRA weights; rank 0 writes them
-    tensors = {k: v for k, v in accelerator.get_state_dict(model).items() if is_lora(k)} if fsdp else None
+    # FSDP: every rank takes part in gathering the LoRA weights, one matrix at a time; rank 0 writes them
+    tensors = lora_state(model) if fsdp else None
     if main:
         write_adapter(adapter_dir, tensors=tensors)
         report = draw_report(out) if (out / "metrics.jsonl").stat().st_size else None  # after the adapter is safe

@@ -1,19 +1,21 @@
 """Several processes through Accelerate, on the CPU (gloo): DDP must train exactly what one process would."""
 
+import json
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import write_jsonl
 
 
-def run(args, nproc=1, timeout=300):
+def run(args, nproc=1, timeout=300, env=None):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] \
         if nproc > 1 else [sys.executable]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two ranks on two cores
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}  # two ranks on two cores
     return subprocess.run([*launcher, "-m", "qlora_kit", "train", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
@@ -92,3 +94,33 @@ def test_a_resumed_two_rank_run_equals_an_uninterrupted_one(tiny_llama, tmp_path
     a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fsdp_two_ranks_equal_one_process_accumulating(tiny_llama, tmp_path):
+    """FSDP-QLoRA on the CPU (gloo), wrapped as on GPUs: the main process alone reads the weights, the others
+    receive them; LoRA matrices are units of their own; the gradient norm is the global one; the adapter is
+    gathered one matrix at a time. 2 ranks x grad_accum 1 train what 1 process x grad_accum 2 trains."""
+    rows = [{"prompt": f"Reverse: {w}\n", "completion": w[::-1]}
+            for w in ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    common = [f"model.path={tiny_llama}", f"data.path={data}", "train.seq_len=64", "train.micro_batch_size=2",
+              "train.max_steps=3", "train.lr=1e-2", "lora.r=4", "lora.dropout=0", "train.lr_schedule=constant",
+              "quant.storage_dtype=float32", "train.max_grad_norm=0.5"]  # clipping acts: the norm must be global
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("{}\n")
+    one = run([recipe, *common, "train.grad_accum=2", f"output_dir={tmp_path / 'one'}"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    fsdp = {"ACCELERATE_USE_FSDP": "true", "FSDP_USE_ORIG_PARAMS": "true", "FSDP_SHARDING_STRATEGY": "FULL_SHARD"}
+    two = run([recipe, *common, "train.grad_accum=1", f"output_dir={tmp_path / 'two'}"], nproc=2, env=fsdp)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "fsdp: FULL_SHARD over 2 processes" in two.stderr
+    a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
+    norms = [[json.loads(line)["grad_norm"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+             for d in ("one", "two")]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-5) and max(norms[0]) > 0.5
+    refused = run([recipe, *common, "quant.storage_dtype=uint8", f"output_dir={tmp_path / 'u8'}"], nproc=2, env=fsdp)
+    assert refused.returncode != 0 and "set quant.storage_dtype=float32" in refused.stderr
