@@ -135,8 +135,9 @@ def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
     return ((block[:, :, None] == block[:, None, :]) & causal)[:, None]
 
 
-def padded_slots(batch: dict[str, torch.Tensor]) -> int:
-    """Token slots padded batches of the same examples would fill: examples x the longest; for the padding report."""
+def padded_positions(batch: dict[str, torch.Tensor]) -> int:
+    """Token positions padded batches of the same examples would fill: examples x the longest; for the padding
+    report."""
     if "position_ids" not in batch:
         return batch["input_ids"].numel()
     real = batch["attention_mask"].bool()

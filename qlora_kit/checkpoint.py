@@ -19,6 +19,7 @@ loading a checkpoint never unpickles anything, so a checkpoint from elsewhere ca
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -29,8 +30,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
+from qlora_kit.config import Recipe, to_dict
 from qlora_kit.errors import UserError
 from qlora_kit.files import fsync_tree, sha256_file, staged_dir
 
@@ -336,3 +339,69 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{k}"] = v
     return flat
+
+
+# ------------------------------------------------------------------------------------------ the run directory
+
+
+def check_output_dir(out: Path) -> None:
+    """`output_dir` must be a directory this process can write in, or a path where one can be made."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"'output_dir': {out} exists and is not a directory")
+    existing = next(p for p in [out, *out.parents] if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"'output_dir': {existing} is not writable")
+
+
+def prepare_output_dir(out: Path, overwrite: bool, resume_step: int | None = None) -> None:
+    """Refuse to train over a finished run unless asked: a user's adapter is never lost by accident.
+
+    Resuming continues the run in place: metrics.jsonl is cut back to the checkpoint's step, then appended to.
+    """
+    if resume_step is not None:
+        truncate_metrics(out / "metrics.jsonl", resume_step)
+        return
+    previous = previous_run(out)
+    if previous and not overwrite:
+        raise UserError(f"'output_dir': {out} already holds a run ({', '.join(previous)}); choose another "
+                        "output_dir, pass --resume to continue it, or --overwrite to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)  # empty, or replaced with --overwrite: a fresh log
+    if overwrite:  # the old adapter stays until the new one replaces it atomically at the end
+        shutil.rmtree(checkpoints_dir(out), ignore_errors=True)  # another run's checkpoints must not resume
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the lines logged after `step` (the steps the resumed run repeats); a torn last line goes too."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if json.loads(line)["step"] <= step and line.endswith("\n"):
+                kept.append(line)
+        except (ValueError, KeyError):
+            pass
+    path.write_text("".join(kept))
+
+
+def check_resumable(recipe: Recipe, checkpoint: Path, data_fingerprint: str, processes: int) -> None:
+    """Refuse to resume with settings the checkpoint cannot honour (see `checkpoint.RESUMABLE`), other data or
+    another number of processes (each process's share of the batches would change)."""
+    trained_by = checkpoint_processes(checkpoint)
+    if trained_by != processes:
+        raise UserError(f"--resume: {checkpoint} was trained by {trained_by} process(es), this run has {processes}: "
+                        "each process's share of the batches would change; resume with the same number")
+    saved = yaml.safe_load((checkpoint / "recipe.yaml").read_text())
+    flat_saved, flat_ours = flatten(saved), flatten(to_dict(recipe))
+    differ = unresumable_changes(flat_saved, flat_ours)
+    if differ:
+        details = "; ".join(f"{k} (checkpoint {flat_saved.get(k)!r}, now {flat_ours.get(k)!r})" for k in differ)
+        raise UserError(f"--resume: {checkpoint} was trained with other settings, which resuming cannot honour: "
+                        f"{details}. Set them back, or start a new run from its adapter "
+                        f"(model.adapter={checkpoint / 'adapter'})")
+    saved_fingerprint = json.loads((checkpoint / "trainer_state.json").read_text()).get("data_fingerprint")
+    if saved_fingerprint and saved_fingerprint != data_fingerprint:
+        raise UserError(f"--resume: the training data ({recipe.data.path}) changed since {checkpoint} was saved, so "
+                        "the batches already trained on cannot be skipped; restore the data, or start a new run from "
+                        f"its adapter (model.adapter={checkpoint / 'adapter'})")

@@ -20,7 +20,7 @@ def _train(args: argparse.Namespace) -> None:
         resume = True
     recipe = load_recipe(args.recipe, args.overrides)  # before the heavy imports: recipe typos fail in 0.1 s
     if args.dry_run:
-        from qlora_kit.plan import dry_run
+        from qlora_kit.dry_run import dry_run
 
         print(dry_run(recipe, args.recipe, args.fsdp, args.fsdp_offload, args.device))
         return
@@ -74,7 +74,7 @@ def _generate(args: argparse.Namespace) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_for_inference(args.model, device)
     if args.cpu_bf16_kernel and device.type == "cpu":
-        from qlora_kit.model import use_cpu_bf16_kernel
+        from qlora_kit.nf4 import use_cpu_bf16_kernel
 
         use_cpu_bf16_kernel(model)
     generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, stream=True)
@@ -220,7 +220,7 @@ def quiet_library_noise() -> None:
     """Drop third-party log lines that every run would print and that say nothing about this run.
 
     bitsandbytes, imported on a CPU with AVX512-BF16, warns that the optional `kernels` package is missing: it only
-    speeds up the bf16 kernel that qlora-kit keeps off (model.keep_4bit_layout) unless `generate
+    speeds up the bf16 kernel that qlora-kit keeps off (nf4.keep_layout) unless `generate
     --cpu-bf16-kernel` asks for it, and bitsandbytes' own build of that kernel serves then. The filter sits on the
     logger object, so it holds however late bitsandbytes is imported."""
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_about_kernels_community)  # idempotent

@@ -4,7 +4,7 @@
 `datasets` hub name, read row by row with its `file:line` by `sources.py`. The checked rows go to `datasets`
 (`Dataset.from_generator`), which stores them as Arrow under the qlora-kit cache and tokenises them with `map`
 in `num_proc` processes. Both steps are cached by fingerprint: the file's size and modification time, the
-format and column names, the tokenizer and the `Encoding`; change any of them and the data is read or
+format and column names, the tokenizer and the `EncodingRules`; change any of them and the data is read or
 tokenised again, leave them and a second run loads in well under a second.
 
 Each row is checked (valid JSON, fields present, of the right type, not empty) and then encoded (chat
@@ -34,9 +34,9 @@ from transformers import PreTrainedTokenizerBase
 
 from qlora_kit.config import DataConfig
 from qlora_kit.errors import UserError
-from qlora_kit.formats import FIELDS, Encoding, encode_batch
+from qlora_kit.formats import FIELDS, EncodingRules, encode_batch
+from qlora_kit.model_paths import cache_root
 from qlora_kit.sources import data_sources, read_rows, stamp
-from qlora_kit.zoo import cache_root
 
 _TEXT = Value("string")
 FEATURES = {"prompt_completion": {"prompt": _TEXT, "completion": _TEXT},
@@ -113,7 +113,7 @@ def _load_examples(path: str, tokenizer: PreTrainedTokenizerBase, seq_len: int, 
     fmt = detect_format(first, cfg, where)
     if tokenizer.eos_token_id is None:
         raise UserError("the model's tokenizer has no EOS token, so completions could not teach the model to stop")
-    encoding = Encoding(fmt, seq_len, cfg.too_long, cfg.train_on_prompt, chat_template(fmt, cfg, tokenizer))
+    encoding = EncodingRules(fmt, seq_len, cfg.too_long, cfg.train_on_prompt, chat_template(fmt, cfg, tokenizer))
     rows = _rows_dataset(sources, fmt, column_names(cfg), str(cache_dir or cache_root() / "datasets"))
     num_proc = cfg.num_proc or min(os.cpu_count() or 1, len(rows) // _ROWS_PER_PROCESS)
     encoded = rows.map(partial(encode_batch, tokenizer=tokenizer, encoding=encoding), batched=True,

@@ -37,7 +37,7 @@ def run_demo(out: Path, overrides: list[str] = ()) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
 
-    base, _, _ = build_model(recipe, device)  # LoRA B = 0: exactly the 4-bit base training starts from
+    base = build_model(recipe, device)  # LoRA B = 0: exactly the 4-bit base training starts from
     tokenizer = base.tokenizer
     held_out = load_examples(recipe.data.eval_path, tokenizer, recipe.train.seq_len, recipe.data, key="data.eval_path")
     before, before_samples = exact_match(base.model.eval(), tokenizer, held_out)

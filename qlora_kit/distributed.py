@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 import os
 
-import bitsandbytes as bnb
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator, FullyShardedDataParallelPlugin
@@ -36,8 +35,8 @@ from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import _or_policy, lambda_auto_wrap_policy, transformer_auto_wrap_policy
 
+from qlora_kit import nf4
 from qlora_kit.errors import UserError
-from qlora_kit.fused import join_state, split_state
 from qlora_kit.lora import is_lora
 from qlora_kit.offload import decoder_layers
 
@@ -116,11 +115,11 @@ def broadcast_from_main(model: nn.Module) -> None:
 def share_quant_states(model: nn.Module, device: torch.device) -> None:
     """Give every process the main process's quantization states, on `device` (FSDP moves and syncs parameters,
     not these)."""
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
-    states = [{n: split_state(m.weight.quant_state) for n, m in linears.items()} if dist.get_rank() == 0 else None]
+    linears = {n: m for n, m in model.named_modules() if nf4.is_4bit(m)}
+    states = [{n: nf4.split_state(m.weight.quant_state) for n, m in linears.items()} if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(states, src=0)
     for name, (tensors, layout) in states[0].items():
-        state = join_state([t.to(device) if t is not None else None for t in tensors], layout)
+        state = nf4.join_state([t.to(device) if t is not None else None for t in tensors], layout)
         linears[name].quant_state = linears[name].weight.quant_state = state
 
 

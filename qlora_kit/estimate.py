@@ -86,7 +86,7 @@ def shape_from_config(config: dict, name: str) -> Shape:
 
 def find_shape(recipe: Recipe, model_config: Path | None = None) -> Shape:
     """The model's shape from `model_config`, a local model directory, a built-in model, or a shipped config."""
-    from qlora_kit.zoo import SMOLLM2, TINY_RANDOM, resolve_model_path
+    from qlora_kit.model_paths import SMOLLM2, TINY_RANDOM, resolve_model_path
 
     if model_config is not None:
         path = model_config / "config.json" if model_config.is_dir() else model_config

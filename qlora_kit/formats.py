@@ -37,7 +37,7 @@ _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
 @dataclass(frozen=True)
-class Encoding:
+class EncodingRules:
     """How rows become tokens. It is part of the tokenisation cache key: change a field and data is re-tokenised."""
 
     format: str
@@ -57,7 +57,8 @@ class RowProblem(Exception):
     """A row that cannot be encoded; becomes a `file:line: problem` message, or a skipped row."""
 
 
-def encode_batch(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, encoding: Encoding) -> dict[str, list]:
+def encode_batch(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase,
+                 encoding: EncodingRules) -> dict[str, list]:
     """`datasets.map(batched=True)` function: input_ids, labels, length, and each row's fate and problem.
 
     A row arrives with `_problem` set when reading or checking it failed; it stays bad. Problems are returned
@@ -89,7 +90,7 @@ def encode_batch(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, enc
 MAX_CHARS_PER_TOKEN = 32
 
 
-def bound_row(row: dict[str, Any], encoding: Encoding) -> tuple[dict[str, Any], bool]:
+def bound_row(row: dict[str, Any], encoding: EncodingRules) -> tuple[dict[str, Any], bool]:
     """Cut each text field of `row` to `seq_len * MAX_CHARS_PER_TOKEN` characters, on the side truncation would
     cut (prompts lose their start, completions and texts their end); and whether anything was cut (the example is
     then certainly longer than seq_len). `data.too_long: error` refuses such a row here, before tokenising it."""
@@ -117,7 +118,7 @@ def bound_row(row: dict[str, Any], encoding: Encoding) -> tuple[dict[str, Any], 
     return row, cut
 
 
-def encode_row(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, encoding: Encoding) -> Encoded:
+def encode_row(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, encoding: EncodingRules) -> Encoded:
     fmt = encoding.format
     if fmt == "text":
         ids = tokenizer(row["text"])["input_ids"] + [tokenizer.eos_token_id]
@@ -220,7 +221,7 @@ def _incremental_ranges(messages, tokenizer, template) -> tuple[list[int], list[
     return list(encoded["input_ids"]), ranges
 
 
-def fit_to_length(encoded: Encoded, encoding: Encoding, bos_id: int | None) -> tuple[list[int], list[int], str]:
+def fit_to_length(encoded: Encoded, encoding: EncodingRules, bos_id: int | None) -> tuple[list[int], list[int], str]:
     """Apply `data.too_long` to an example longer than `seq_len`: (ids, labels, fate).
 
     `truncate` cuts the prompt first, from its start (keeping a leading BOS), because the words right before

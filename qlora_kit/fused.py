@@ -9,7 +9,7 @@ does less work and holds less memory:
   applied to the rank-r activations, not to a (tokens x d_out) tensor: no full-size multiply or add per adapter;
 - saved for backward: the dropped-out input (or the input itself without dropout), the rank-r activations and the
   indices of the dropped entries; no fp32 copy of any frozen weight outside the block being recomputed (below);
-- on the CPU, dropout draws the gaps between dropped entries (below), several times cheaper than `bernoulli_`.
+- dropout's mask is drawn as booleans; on the CPU as the indices of the dropped entries (`cpu.dropped_indices`).
 
 Under gradient checkpointing (`checkpoint_contexts`), a block's forward runs twice: once keeping nothing, then
 again (the recompute) right before the block's backward, to rebuild what the backward needs. Two savings there:
@@ -17,9 +17,9 @@ again (the recompute) right before the block's backward, to rebuild what the bac
 - the recompute saves its tensors *before* computing the base matmul, and torch's non-reentrant checkpoint stops
   recomputing as soon as the block's last saved tensor is back: the last linear of a block (a Llama MLP's
   `down_proj`, the largest) never redoes its base matmul, whose output nothing in the backward reads;
-- on the CPU, where dequantizing costs ~10% of a matmul, the recompute keeps its dequantized weight for the
-  backward instead of dequantizing a third time: one block's weights at a time, freed by its backward. (On GPUs
-  dequantizing is cheap and memory is not: one 70B layer's 16-bit weights are 1.7 GB.)
+- on the CPU (`cpu.speedups`), the recompute keeps its dequantized weight for the backward instead of
+  dequantizing a third time: one block's weights at a time, freed by its backward. (On GPUs dequantizing is cheap
+  and memory is not: one 70B layer's 16-bit weights are 1.7 GB.)
 """
 
 from __future__ import annotations
@@ -29,24 +29,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from bitsandbytes.functional import QuantState, dequantize_4bit, dequantize_blockwise
+
+from qlora_kit import cpu
+from qlora_kit.nf4 import QuantState, dequantize, join_state, split_state
 
 # Which pass a checkpointed decoder layer is in: "forward" / "recompute" (set by `checkpoint_contexts`), None
 # outside checkpointing. Module state, not an argument: torch's checkpoint calls transformers' layer `forward`,
 # and the only way in between is the `context_fn` contexts, which cannot pass anything down the call.
 _phase: str | None = None
-
-# The CPU-only speed paths: decoded block scales kept with each quant state (`dequantize`), the recompute's
-# dequantized weight kept for its backward (`lora_4bit`), dropout from geometric gaps (`draw_dropped`). Each is
-# cheap in memory and pays on a CPU, where dequantizing and random numbers cost a real share of a step; on a GPU
-# dequantizing is cheap and memory is not. False: the CPU runs exactly the GPU's code path (tests use this to
-# check the GPU path's memory on the CPU).
-CPU_SPEEDUPS = True
-
-
-def cpu_speedups(device: torch.device) -> bool:
-    return CPU_SPEEDUPS and device.type == "cpu"
-
 
 def phase() -> str | None:
     """The checkpoint pass running now (see `_phase`)."""
@@ -69,32 +59,12 @@ def checkpoint_contexts():
 
 
 def draw_dropped(shape: torch.Size, p: float, device: torch.device, per_round: int | None = None) -> torch.Tensor:
-    """Which entries dropout zeroes, each independently with probability p: sorted flat indices on the CPU,
-    a boolean mask on GPUs. Apply with `zero_dropped`.
-
-    On the CPU, `bernoulli_` draws one random number per entry (~8 ns each here: as long as the matmul it feeds).
-    The gaps between dropped entries of a Bernoulli(p) sequence are i.i.d. geometric(p), so drawing the gaps
-    (floor(log(1-U) / log(1-p)) + 1, U uniform in [0, 1)) gives exactly the same distribution from ~p*n
-    numbers instead of n, and indices (p*n of them) are cheaper to apply than a mask. U is a float32 (a multiple
-    of 2^-24 below 1, so log(1-U) is finite and float32's vectorised log applies): only gaps of probability
-    < 2^-24 are cut short. GPUs draw Bernoulli masks at memory speed, and the gap method would need a host sync there.
-    `per_round`: gaps drawn at a time (default: enough to cover the tensor in one round but for a 6-sigma
-    shortfall).
-    """
-    if not cpu_speedups(device) or p >= 0.25:
-        return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(p)  # 1 byte an entry, no fp32 draw
-    n, log_keep = math.prod(shape), math.log1p(-p)
-    chunks, last = [], -1  # `last`: position of the last dropped entry so far
-    while True:
-        expected = (n - last) * p
-        k = per_round or int(expected + 6 * math.sqrt(expected) + 16)
-        gaps = torch.rand(k).neg_().log1p_().div_(log_keep)  # log(1 - U) / log(1 - p) >= 0: truncating floors
-        positions = gaps.to(torch.int64).add_(1).cumsum_(0).add_(last)
-        inside = int(torch.searchsorted(positions, n))  # sorted: the first `inside` are < n
-        chunks.append(positions[:inside])
-        if inside < k:
-            return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-        last = int(positions[-1])
+    """Which entries dropout zeroes, each independently with probability p: a boolean mask, drawn as booleans
+    (one byte an entry, no float per entry); on the CPU sorted flat indices (`cpu.dropped_indices`). Apply with
+    `zero_dropped`."""
+    if not cpu.speedups(device) or p >= 0.25:
+        return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(p)
+    return cpu.dropped_indices(math.prod(shape), p, per_round)
 
 
 def zero_dropped(t: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
@@ -105,26 +75,11 @@ def zero_dropped(t: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def dequantize(weight: torch.Tensor, quant_state: QuantState, dtype: torch.dtype) -> torch.Tensor:
-    """bitsandbytes' `dequantize_4bit`, in `dtype`. On the CPU, with double quantization, the block scales are
-    decoded once and kept with the quant state (one float per 64 weights): decoding them was a fifth of each
-    dequantization."""
-    if not cpu_speedups(weight.device) or not quant_state.nested:
-        return dequantize_4bit(weight, quant_state).to(dtype)
-    flat = getattr(quant_state, "qlora_kit_decoded", None)
-    if flat is None:
-        absmax = dequantize_blockwise(quant_state.absmax, quant_state.state2).add_(quant_state.offset).float()
-        flat = QuantState(absmax, shape=quant_state.shape, code=quant_state.code, blocksize=quant_state.blocksize,
-                          quant_type=quant_state.quant_type, dtype=quant_state.dtype)
-        quant_state.qlora_kit_decoded = flat
-    return dequantize_4bit(weight, flat).to(dtype)
-
-
 def lora_4bit(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, weight: torch.Tensor,
               quant_state: QuantState, bias: torch.Tensor | None, scale: float, p: float) -> torch.Tensor:
     """y = x @ dequant(W)^T + bias + scale * (dropout(x) @ A^T) @ B^T, for 2-D x (tokens, d_in)."""
     with torch.no_grad():  # the Function's inputs; their gradients are the Function's business
-        w = dequantize(weight, quant_state, x.dtype) if _phase and cpu_speedups(x.device) else None
+        w = dequantize(weight, quant_state, x.dtype) if _phase and cpu.speedups(x.device) else None
         drop = draw_dropped(x.shape, p, x.device) if p > 0 else None
         x_in = x if drop is None else zero_dropped(x.clone(), drop)
         h = torch.mm(x_in, lora_a.t())  # (tokens, r)
@@ -151,19 +106,19 @@ class LoRA4bit(torch.autograd.Function):
     """Given h = dropout(x) @ A^T, y = x @ W^T + bias + s * h @ B^T; gradients for x, A and B.
 
     `w`: the dequantized weight to use and keep for backward (else `weight` is kept and dequantized again).
-    `defer`: save, return y uncomputed; the caller fills it if recomputation did not stop at the save.
+    `recompute`: save, return y uncomputed; the caller fills it if recomputation did not stop at the save.
     The quantization state's tensors are saved like the weight, through autograd, never held on `ctx`: under
     checkpointing autograd drops saved tensors after the forward and brings back the recompute's, so with
     `train.offload_base` no layer's device copy outlives its use.
     """
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, weight, quant_state, w, bias, x_in, h, drop, s: float, defer: bool):
+    def forward(ctx, x, lora_a, lora_b, weight, quant_state, w, bias, x_in, h, drop, s: float, recompute: bool):
         state_tensors, ctx.state_layout = split_state(quant_state) if w is None else ((), None)
         ctx.save_for_backward(x_in, h, drop, lora_a, lora_b, weight if w is None else w, *state_tensors)
         ctx.s = s
         y = x.new_empty(x.shape[0], lora_b.shape[0])
-        if not defer:
+        if not recompute:
             _forward(y, x, weight, quant_state, w, bias, h, lora_b, s)
         return y
 
@@ -186,28 +141,3 @@ class LoRA4bit(torch.autograd.Function):
             else:
                 grad_x += zero_dropped(torch.mm(grad_h, lora_a), drop)
         return grad_x, grad_a, grad_b, None, None, None, None, None, None, None, None, None
-
-
-def split_state(state: QuantState) -> tuple[tuple[torch.Tensor | None, ...], tuple]:
-    """A quant state as (tensors, the rest), for `save_for_backward`. On the CPU with double quantization the
-    decoded scales (see `dequantize`) stand in for the nested ones, so backward does not decode them again."""
-    decoded = getattr(state, "qlora_kit_decoded", None)
-    if decoded is not None:
-        state = decoded
-    nested = state.state2 if state.nested else None
-    tensors = (state.absmax, state.code, state.offset, nested.absmax if nested else None,
-               nested.code if nested else None)
-    layout = (state.shape, state.blocksize, state.quant_type, state.dtype,
-              (nested.blocksize, nested.quant_type, nested.dtype) if nested else None)
-    return tensors, layout
-
-
-def join_state(tensors, layout: tuple) -> QuantState:
-    """The inverse of `split_state`."""
-    absmax, code, offset, absmax2, code2 = tensors
-    shape, blocksize, quant_type, dtype, nested = layout
-    state2 = None
-    if nested is not None:
-        state2 = QuantState(absmax2, code=code2, blocksize=nested[0], quant_type=nested[1], dtype=nested[2])
-    return QuantState(absmax, shape=shape, code=code, blocksize=blocksize, quant_type=quant_type, dtype=dtype,
-                      offset=offset, state2=state2)

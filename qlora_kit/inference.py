@@ -23,7 +23,7 @@ from qlora_kit.model import (
     load_quantized,
     load_tokenizer,
 )
-from qlora_kit.zoo import resolve_model_path
+from qlora_kit.model_paths import resolve_model_path
 
 
 def is_adapter_dir(path: str | Path) -> bool:

@@ -19,17 +19,16 @@ from __future__ import annotations
 import math
 import re
 
-import bitsandbytes as bnb
 import torch
-from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 from torch import nn
 
+from qlora_kit import nf4
 from qlora_kit.errors import UserError
 from qlora_kit.fused import lora_4bit
 
 
 class LoRALinear(nn.Module):
-    """Wraps one frozen linear layer (`bnb.nn.Linear4bit` or `nn.Linear`) with a trainable rank-r update."""
+    """Wraps one frozen linear layer (4-bit, see nf4.py, or `nn.Linear`) with a trainable rank-r update."""
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False, dtype: torch.dtype = torch.float32) -> None:
@@ -52,13 +51,12 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.base_layer, bnb.nn.Linear4bit):  # FSDP hands back a plain tensor: restore its state
-            fix_4bit_weight_quant_state_from_module(self.base_layer)
         if self._fused(x):  # same maths, less work and memory: see fused.py
             p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
             base = self.base_layer
+            weight, state = nf4.weight_and_state(base)
             y = lora_4bit(x.reshape(-1, self.in_features).to(base.compute_dtype), self.lora_A.weight,
-                          self.lora_B.weight, base.weight.data, base.weight.quant_state, base.bias, self.scale, p)
+                          self.lora_B.weight, weight, state, base.bias, self.scale, p)
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         y = self.base_layer(x)
         update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_dtype))))
@@ -70,7 +68,7 @@ class LoRALinear(nn.Module):
         Not when FSDP wraps the LoRA matrices as units of their own (`distributed.wrap_fsdp`): their weights
         exist whole only while their own modules run."""
         base = self.base_layer
-        return (not self.base_kernel and isinstance(base, bnb.nn.Linear4bit) and type(self.lora_A) is nn.Linear
+        return (not self.base_kernel and nf4.is_4bit(base) and type(self.lora_A) is nn.Linear
                 and base.compute_dtype == self.lora_A.weight.dtype)
 
     def extra_repr(self) -> str:

@@ -28,12 +28,14 @@ from transformers import AutoModelForCausalLM
 
 from qlora_kit import adapter as adapter_io
 from qlora_kit.config import QuantConfig
+from qlora_kit.cpu import return_large_frees_to_os
 from qlora_kit.errors import MergeCheckError, UserError
 from qlora_kit.files import check_free_space, exclusive, remove_leftovers, staged_dir
 from qlora_kit.inference import load_adapter_model
-from qlora_kit.metrics import peak_memory_bytes, return_large_frees_to_os
-from qlora_kit.model import checkpoint_files, linear_shapes, meta_model, quantize_roundtrip
-from qlora_kit.zoo import resolve_model_path
+from qlora_kit.metrics import peak_memory_bytes
+from qlora_kit.model import checkpoint_files, linear_shapes, meta_model
+from qlora_kit.model_paths import resolve_model_path
+from qlora_kit.nf4 import quantize_roundtrip
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Per-layer parity bound, relative to the layer's largest output: casting once to the output dtype costs
@@ -47,7 +49,7 @@ LOGIT_CHECK_MAX_BYTES = 4 * 2**30  # full-model logit check only when base + exp
 
 
 @dataclass
-class MergePlan:
+class MergeInputs:
     """Everything the merge needs to know, read from the adapter directory (and `--model`)."""
 
     base_path: Path
@@ -74,7 +76,7 @@ class MergeReport:
     failures: list[str] = field(default_factory=list)
 
 
-def plan_merge(adapter_dir: Path, model_path: str | None = None) -> MergePlan:
+def read_merge_inputs(adapter_dir: Path, model_path: str | None = None) -> MergeInputs:
     """Read and check the adapter against its base's shapes (the base's config only: no weights are read)."""
     adapter = adapter_io.read_adapter(adapter_dir)
     base_path = resolve_model_path(adapter.base_path(model_path))
@@ -87,7 +89,7 @@ def plan_merge(adapter_dir: Path, model_path: str | None = None) -> MergePlan:
         device = torch.device("cpu")  # same algorithm; bit-identity with a GPU-trained run is then not promised
     linears = linear_shapes(meta_model(base_path))
     adapter.check_fits(linears, str(base_path))
-    return MergePlan(base_path, adapter.path, adapter.pairs, adapter.scale, set(linears), quant, DTYPES[compute],
+    return MergeInputs(base_path, adapter.path, adapter.pairs, adapter.scale, set(linears), quant, DTYPES[compute],
                      device)
 
 
@@ -100,17 +102,17 @@ def merge(adapter_dir: Path, out_dir: Path, dtype: str = "float16", base: str = 
     out_dir, out_dtype = Path(out_dir), DTYPES[dtype]
     if out_dir.exists() and not overwrite:
         raise UserError(f"--out: {out_dir} already exists; pass --overwrite to replace it")
-    plan = plan_merge(Path(adapter_dir), model_path)
-    check_out_dir(out_dir, plan)
+    inputs = read_merge_inputs(Path(adapter_dir), model_path)
+    check_out_dir(out_dir, inputs)
     with exclusive(out_dir, "--out"):
         remove_leftovers(out_dir)
-        check_free_space(out_dir.parent, _export_bytes(plan.base_path, out_dtype), "the export")
+        check_free_space(out_dir.parent, _export_bytes(inputs.base_path, out_dtype), "the export")
         report = MergeReport(dtype=dtype, base=base)
         with staged_dir(out_dir) as tmp:
-            _write_weights(plan, tmp, out_dtype, base, report, check, max_shard_bytes)
-            _write_config_and_tokenizer(plan.base_path, tmp, dtype)
-            if check and base == "dequantized" and _checkpoint_bytes(plan.base_path) <= logit_check_max_bytes:
-                _check_logits(plan, tmp, out_dtype, report)
+            _write_weights(inputs, tmp, out_dtype, base, report, check, max_shard_bytes)
+            _write_config_and_tokenizer(inputs.base_path, tmp, dtype)
+            if check and base == "dequantized" and _checkpoint_bytes(inputs.base_path) <= logit_check_max_bytes:
+                _check_logits(inputs, tmp, out_dtype, report)
             report.seconds = time.perf_counter() - start
             report.peak_mem_bytes = peak_memory_bytes(torch.device("cpu"))
             (tmp / "merge_report.json").write_text(json.dumps(report.__dict__, indent=2) + "\n")
@@ -123,17 +125,17 @@ def merge(adapter_dir: Path, out_dir: Path, dtype: str = "float16", base: str = 
     return report
 
 
-def check_out_dir(out_dir: Path, plan: MergePlan) -> None:
+def check_out_dir(out_dir: Path, inputs: MergeInputs) -> None:
     """Refuse an export that would replace or sit in what it is made from: the base model, the adapter, or the
     run that holds the adapter. Inside that run, a new directory or an earlier export may be written (as
     `train.merge_after` writes `output_dir/merged`), nothing else of the run replaced. The same holds for
     `OUT.rejected`, where a failed check puts the export."""
-    inputs = {"the base model": plan.base_path.resolve(), "the adapter": plan.adapter_dir.resolve()}
-    run = next((d for d in plan.adapter_dir.resolve().parents
+    sources = {"the base model": inputs.base_path.resolve(), "the adapter": inputs.adapter_dir.resolve()}
+    run = next((d for d in inputs.adapter_dir.resolve().parents
                 if (d / "metrics.jsonl").is_file() or (d / "checkpoints").is_dir()), None)
     for target in (out_dir, out_dir.with_name(out_dir.name + ".rejected")):
         out = target.resolve()
-        for what, path in inputs.items():
+        for what, path in sources.items():
             if out == path or out in path.parents:
                 raise UserError(f"--out: {out_dir} would replace {what} ({path}); choose another directory")
             if path in out.parents:
@@ -145,7 +147,7 @@ def check_out_dir(out_dir: Path, plan: MergePlan) -> None:
                             "choose a new directory")
 
 
-def _write_weights(plan: MergePlan, out: Path, out_dtype: torch.dtype, base: str, report: MergeReport,
+def _write_weights(inputs: MergeInputs, out: Path, out_dtype: torch.dtype, base: str, report: MergeReport,
                    check: bool, max_shard_bytes: int) -> None:
     """Stream input shards, merge, and write output shards of at most `max_shard_bytes` plus the index."""
     weight_map: dict[str, str] = {}
@@ -161,10 +163,10 @@ def _write_weights(plan: MergePlan, out: Path, out_dtype: torch.dtype, base: str
         weight_map.update(dict.fromkeys(shard, name))
         shard, shard_bytes = {}, 0
 
-    for file in checkpoint_files(plan.base_path):
-        with safe_open(plan.base_path / file, framework="pt", device="cpu") as f:
+    for file in checkpoint_files(inputs.base_path):
+        with safe_open(inputs.base_path / file, framework="pt", device="cpu") as f:
             for name in f.keys():
-                tensor = _merged_tensor(plan, name, f.get_tensor(name), out_dtype, base, report, check)
+                tensor = _merged_tensor(inputs, name, f.get_tensor(name), out_dtype, base, report, check)
                 if shard and shard_bytes + tensor.nbytes > max_shard_bytes:
                     flush()
                 shard[name] = tensor
@@ -182,22 +184,22 @@ def _write_weights(plan: MergePlan, out: Path, out_dtype: torch.dtype, base: str
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _merged_tensor(plan: MergePlan, name: str, tensor: torch.Tensor, out_dtype: torch.dtype, base: str,
+def _merged_tensor(inputs: MergeInputs, name: str, tensor: torch.Tensor, out_dtype: torch.dtype, base: str,
                    report: MergeReport, check: bool) -> torch.Tensor:
     module, _, attr = name.rpartition(".")
     if not tensor.is_floating_point():
         return tensor
-    if attr != "weight" or module not in plan.quantized:
+    if attr != "weight" or module not in inputs.quantized:
         return _cast(tensor, out_dtype, name)
-    original = tensor.to(plan.compute_dtype)  # training cast to the compute dtype before quantizing
-    dequantized = quantize_roundtrip(original, plan.quant, plan.quant_device).cpu()
+    original = tensor.to(inputs.compute_dtype)  # training cast to the compute dtype before quantizing
+    dequantized = quantize_roundtrip(original, inputs.quant, inputs.quant_device).cpu()
     weight = (dequantized if base == "dequantized" else original).float()
-    if module in plan.loras:
-        a, b = (t.float() for t in plan.loras[module])
-        weight = weight + plan.scale * (b @ a)
+    if module in inputs.loras:
+        a, b = (t.float() for t in inputs.loras[module])
+        weight = weight + inputs.scale * (b @ a)
     merged = _cast(weight, out_dtype, name)
-    if check and module in plan.loras:
-        _check_layer(plan, module, merged, dequantized, base, report)
+    if check and module in inputs.loras:
+        _check_layer(inputs, module, merged, dequantized, base, report)
     return merged
 
 
@@ -214,12 +216,12 @@ def _within_fp16(tensor: torch.Tensor) -> bool:
     return bool(low >= -FP16_MAX) and bool(high <= FP16_MAX)
 
 
-def _check_layer(plan: MergePlan, module: str, merged: torch.Tensor, dequantized: torch.Tensor, base: str,
+def _check_layer(inputs: MergeInputs, module: str, merged: torch.Tensor, dequantized: torch.Tensor, base: str,
                  report: MergeReport) -> None:
     """`merged @ x` against `dequant(W4) @ x + lora(x)` on random inputs, relative to the largest output."""
-    a, b = (t.float() for t in plan.loras[module])
+    a, b = (t.float() for t in inputs.loras[module])
     x = torch.randn(8, merged.shape[1], generator=torch.Generator().manual_seed(0))
-    reference = x @ dequantized.float().T + plan.scale * (x @ a.T) @ b.T
+    reference = x @ dequantized.float().T + inputs.scale * (x @ a.T) @ b.T
     ours = x @ merged.float().T
     error = ((ours - reference).abs().max() / reference.abs().max().clamp_min(1e-12)).item()
     report.layers[module] = error
@@ -233,15 +235,15 @@ def _check_layer(plan: MergePlan, module: str, merged: torch.Tensor, dequantized
         report.failures.append(f"{module}: relative error {error:.2e}")
 
 
-def _check_logits(plan: MergePlan, out: Path, out_dtype: torch.dtype, report: MergeReport) -> None:
+def _check_logits(inputs: MergeInputs, out: Path, out_dtype: torch.dtype, report: MergeReport) -> None:
     """Exported model (plain transformers) against the adapter on the 4-bit base, on a few random sequences.
 
     Both sides compute in float32 (on the GPU when there is one): the 4-bit weights are quantized from the
     training compute dtype exactly as in training, so what is compared is the export's rounding alone, at the
     export dtype's tolerance; a bf16 reference would add its own rounding, and run ~50x slower on most CPUs."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    trained = load_adapter_model(plan.adapter_dir, device, "float32", str(plan.base_path),
-                                 quantize_from=plan.compute_dtype).model
+    trained = load_adapter_model(inputs.adapter_dir, device, "float32", str(inputs.base_path),
+                                 quantize_from=inputs.compute_dtype).model
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device).eval()
     ids = torch.randint(0, exported.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

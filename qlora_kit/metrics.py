@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import ctypes
-import json
 import resource
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
@@ -42,60 +37,6 @@ def _proc_kib(path: str, field: str) -> int | None:
             return next((int(line.split()[1]) * 1024 for line in lines if line.startswith(field)), None)
     except OSError:
         return None
-
-
-def return_large_frees_to_os() -> None:
-    """Have glibc serve allocations of 1 MiB and more with mmap, so freeing them gives the memory back at once.
-
-    Streaming loops (load, merge) allocate and free tensor-sized blocks over and over. glibc's default raises
-    its mmap threshold as such blocks are freed (up to 32 MiB) and then serves them from the heap, where
-    fragmentation keeps freed memory resident: peak RSS then creeps up with the model's size instead of
-    staying at one tensor or shard. No effect outside glibc.
-    """
-    _mallopt(M_MMAP_THRESHOLD, 1 << 20)
-
-
-@contextmanager
-def streaming_allocations() -> Iterator[None]:
-    """`return_large_frees_to_os` for a streaming phase, then mmap from 4 MiB and heap trimming from 64 MiB.
-
-    Training allocates the same activation sizes every step: served by fresh mmaps, or from heap memory that
-    was trimmed and handed back, each one page-faults its memory in again, 4 KiB at a time (measured on the
-    2-core CPU: a third of a SmolLM2 training step at the 1 MiB threshold). glibc's own adjustment would end at
-    32 MiB, where heap fragmentation kept ~1 GB more resident (SmolLM2, 4 x 512 tokens); at 4 MiB the
-    activations of common batch sizes still come from the heap.
-    """
-    return_large_frees_to_os()
-    try:
-        yield
-    finally:
-        _mallopt(M_MMAP_THRESHOLD, 4 << 20)
-        _mallopt(M_TRIM_THRESHOLD, 64 << 20)
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-
-
-def _mallopt(option: int, value: int) -> None:
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(option, value)
-    except (OSError, AttributeError):
-        pass
-
-
-class MetricsLog:
-    """Appends one JSON line per record and flushes, so a crash keeps every step logged so far."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._file = path.open("a")
-
-    def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
 
 
 def human_bytes(n: float) -> str:

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import bitsandbytes as bnb
 import torch
 from accelerate import init_empty_weights
 from safetensors import safe_open
@@ -29,11 +28,12 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from qlora_kit import nf4
 from qlora_kit.attention import use_segment_attention
 from qlora_kit.config import QuantConfig
+from qlora_kit.cpu import streaming_allocations
 from qlora_kit.errors import UserError
-from qlora_kit.metrics import streaming_allocations
-from qlora_kit.offload import OffloadedLayers, quant_state_to
+from qlora_kit.offload import OffloadedLayers
 
 # Checkpoint entries that are derived at init time and may be absent from, or stale in, a checkpoint.
 _IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
@@ -46,6 +46,8 @@ class LoadedModel:
     path: Path
     compute_dtype: torch.dtype
     offload: OffloadedLayers | None = None  # set by `train.build_model` with `train.offload_base`
+    linears: list[str] = field(default_factory=list)  # the quantized linears (set by `train.build_model`)
+    targets: list[str] = field(default_factory=list)  # those with LoRA (PEFT's `target_modules` needs both)
 
 
 def compute_dtype_for(name: str, device: torch.device) -> torch.dtype:
@@ -66,10 +68,11 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False) -> PreTrainedTok
 
 
 def load_quantized(path: Path, quant: QuantConfig, device: torch.device, trust_remote_code: bool = False,
-                   tokenizer: PreTrainedTokenizerBase | None = None, park: bool = False,
+                   tokenizer: PreTrainedTokenizerBase | None = None, keep_4bit_on_host: bool = False,
                    quantize_from: torch.dtype | None = None, read_weights: bool = True) -> LoadedModel:
     """Build `path`'s model on the meta device, then stream, quantize and freeze its weights onto `device`.
-    `park`: move each 4-bit weight to CPU memory as soon as it is quantized (for `train.offload_base`, FSDP).
+    `keep_4bit_on_host`: move each 4-bit weight to CPU memory as soon as it is quantized (for `train.offload_base`
+    and FSDP's main process: the 4-bit model is never whole on the GPU).
     `quantize_from`: the dtype weights are cast to before quantizing, when not the compute dtype (the merge
     check computes a bf16-trained model in fp32 from the very 4-bit weights training had).
     `read_weights=False`: read nothing; every parameter stays on the meta device, the 4-bit ones in their
@@ -81,9 +84,8 @@ def load_quantized(path: Path, quant: QuantConfig, device: torch.device, trust_r
             _swap_in_4bit(model, name, None, quant, dtype, torch.device("meta"))
     else:
         with streaming_allocations():
-            _fill_weights(model, path, quant, dtype, device, park, quantize_from or dtype)
+            _fill_weights(model, path, quant, dtype, device, keep_4bit_on_host, quantize_from or dtype)
         _check_complete(model, path)
-    keep_4bit_layout(model)
     use_segment_attention(model)
     model.requires_grad_(False)
     model.eval()
@@ -91,7 +93,7 @@ def load_quantized(path: Path, quant: QuantConfig, device: torch.device, trust_r
 
 
 def _fill_weights(model: PreTrainedModel, path: Path, quant: QuantConfig, dtype: torch.dtype,
-                  device: torch.device, park: bool, quantize_from: torch.dtype) -> None:
+                  device: torch.device, keep_4bit_on_host: bool, quantize_from: torch.dtype) -> None:
     """Stream `path`'s tensors into the meta model: linears quantized to 4-bit, the rest cast to `dtype`."""
     config = model.config
     quantized = set(quantizable_linears(model))
@@ -102,9 +104,8 @@ def _fill_weights(model: PreTrainedModel, path: Path, quant: QuantConfig, dtype:
         module_name, _, param = name.rpartition(".")
         if module_name in quantized and param == "weight":
             _swap_in_4bit(model, module_name, tensor.to(quantize_from), quant, dtype, device)
-            if park and device.type != "cpu":
-                weight = model.get_submodule(module_name).weight
-                weight.data, weight.quant_state = weight.data.to("cpu"), quant_state_to(weight.quant_state, "cpu")
+            if keep_4bit_on_host and device.type != "cpu":
+                nf4.move_to_host(model.get_submodule(module_name))
         else:
             target = torch.float32 if any(k in name for k in keep_fp32) else dtype
             target = target if tensor.is_floating_point() else tensor.dtype
@@ -116,36 +117,6 @@ def _fill_weights(model: PreTrainedModel, path: Path, quant: QuantConfig, dtype:
         for key, buf in buffer_owner._buffers.items():
             if buf is not None and buf.device != device:
                 buffer_owner._buffers[key] = buf.to(device)
-
-
-def keep_4bit_layout(model: nn.Module) -> None:
-    """Make every 4-bit layer of `model` compute in its compute dtype from its own weights, on every CPU.
-
-    On CPUs with AVX512-BF16, bitsandbytes' `Linear4bit.forward` repacks the layer's weight in place at its first
-    eval forward without grad (bf16 block scales, another nibble order) and computes in bf16 from then on,
-    whatever the compute dtype. The same adapter would then give other numbers on other machines, an evaluation
-    during training would change the base the next steps train on, and state dicts read afterwards would hold
-    re-quantized block scales. qlora-kit turns this off per module, for every model it builds (here, called by
-    `load_quantized`): bitsandbytes layers built by anyone else in the process are left as they are. The opt-in
-    bf16 kernel for generation (`use_cpu_bf16_kernel`) is the one way back.
-    """
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-
-
-def use_cpu_bf16_kernel(model: nn.Module) -> None:
-    """Opt in to bitsandbytes' bf16 kernel for `model`'s 4-bit layers: faster generation on CPUs with
-    AVX512-BF16 (see docs/performance.md), at bf16 precision. For `generate` only: the layers are repacked at
-    their first forward, so the model must not be scored, merged, saved or trained afterwards."""
-    if not bnb.functional.has_avx512bf16():
-        raise UserError("--cpu-bf16-kernel needs a CPU with AVX512-BF16 (`avx512_bf16` in /proc/cpuinfo); "
-                        "this one has none")
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = True
-        if hasattr(module, "base_kernel"):  # LoRA layers: through the base layer's own forward, where it lives
-            module.base_kernel = True
 
 
 def load_config(path: Path, trust_remote_code: bool = False) -> PretrainedConfig:
@@ -166,16 +137,6 @@ def meta_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code
     with init_empty_weights(include_buffers=False):  # params on meta; buffers (rotary freqs) computed for real
         return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=None,
                                                 trust_remote_code=trust_remote_code)
-
-
-def quantize_roundtrip(weight: torch.Tensor, quant: QuantConfig, device: torch.device) -> torch.Tensor:
-    """The weight a 4-bit layer computes with: `weight` quantized exactly as `load_quantized` does, then
-    dequantized (in `weight`'s dtype). Merging adds the adapter to this, not to the original weight."""
-    w = weight.contiguous().to(device)
-    packed, state = bnb.functional.quantize_4bit(w, blocksize=quant.blocksize, compress_statistics=quant.double_quant,
-                                                 quant_type=quant.quant_type,
-                                                 quant_storage=getattr(torch, quant.storage_dtype))
-    return bnb.functional.dequantize_4bit(packed, state)
 
 
 def quantizable_linears(model: nn.Module) -> list[str]:
@@ -219,26 +180,12 @@ def _stream_checkpoint(path: Path):
 
 def _swap_in_4bit(model: nn.Module, name: str, weight: torch.Tensor | None, quant: QuantConfig,
                   dtype: torch.dtype, device: torch.device) -> None:
-    """Replace the meta `nn.Linear` called `name` by a frozen `bnb.nn.Linear4bit` holding `weight` quantized
-    (None: an empty meta shell of the packed shape, quantization state to come)."""
+    """Replace the meta `nn.Linear` called `name` by a frozen 4-bit layer holding `weight` quantized (None: an
+    empty shell, see `nf4.quantized_linear`)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name)
     linear = getattr(parent, child)
-    storage = getattr(torch, quant.storage_dtype)
-    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                          compute_dtype=dtype, compress_statistics=quant.double_quant,
-                          quant_type=quant.quant_type, quant_storage=storage, device="meta")
-    # module=q: quantizing also sets `q.quant_state`, where bitsandbytes finds the state again when FSDP hands the
-    # layer a plain view of its weight. `.to` quantizes, on the device.
-    packed = weight is None
-    if packed:  # two 4-bit values a byte, in storage-dtype elements: the shape bitsandbytes gives the real one
-        weight = torch.empty((linear.in_features * linear.out_features + 1) // 2 // storage.itemsize, 1,
-                             dtype=storage, device="meta")
-    q.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=quant.double_quant,
-                                 quant_type=quant.quant_type, blocksize=quant.blocksize, quant_storage=storage,
-                                 module=q, bnb_quantized=packed)
-    if not packed:
-        q.weight = q.weight.to(device)
+    q = nf4.quantized_linear(linear, weight, quant, dtype, device)
     if linear.bias is not None:
         q.bias = linear.bias  # still meta if the bias comes later in the checkpoint; `_assign` fills it
     setattr(parent, child, q)

@@ -19,19 +19,19 @@ asynchronous. On the CPU the "device" copies are clones of the stored tensors: t
 it bounds, are the GPU's; a released layer holds only empty placeholders, so a use of weights that were not
 installed fails instead of computing garbage.
 
-Loading with offload (`load_quantized(..., park=True)`) quantizes each weight on the GPU and parks it in CPU
-memory at once, so neither the 16-bit nor the 4-bit model is ever whole on the GPU.
+Loading with offload (`load_quantized(..., keep_4bit_on_host=True)`) quantizes each weight on the GPU and moves it
+to CPU memory at once, so neither the 16-bit nor the 4-bit model is ever whole on the GPU.
 """
 
 from __future__ import annotations
 
-import bitsandbytes as bnb
 import torch
-from bitsandbytes.functional import QuantState
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from qlora_kit import nf4
 from qlora_kit.fused import phase
+from qlora_kit.nf4 import QuantState
 
 Copies = list[tuple[torch.Tensor, QuantState]]  # per linear of a layer: (4-bit data, quant state), on the device
 
@@ -43,7 +43,7 @@ class OffloadedLayers:
         self.device = device
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self.linears: list[list[bnb.nn.Linear4bit]] = []
+        self.linears: list[list[nf4.Linear4bit]] = []
         self.store: list[list[tuple[torch.Tensor, QuantState]]] = []  # host copies, pinned on GPUs
         self.blocks: list[int] = []  # blocks per layer
         self.blocks_left: list[int] = []  # blocks of the layer still to run in this pass
@@ -51,10 +51,10 @@ class OffloadedLayers:
         self.prefetched: dict[int, tuple[Copies, torch.cuda.Event | None]] = {}
         self.copies: list[tuple[int, StorageWeakRef]] = []  # every device copy made, to count what is alive
         for i, layer in enumerate(layers):
-            blocks = [b for b in layer.children() if any(isinstance(m, bnb.nn.Linear4bit) for m in b.modules())]
-            linears = [m for b in blocks for m in b.modules() if isinstance(m, bnb.nn.Linear4bit)]
+            blocks = [b for b in layer.children() if any(nf4.is_4bit(m) for m in b.modules())]
+            linears = [m for b in blocks for m in b.modules() if nf4.is_4bit(m)]
             self.linears.append(linears)
-            self.store.append([_to_host(m.weight.data, m.weight.quant_state, pin=self.cuda) for m in linears])
+            self.store.append([nf4.to_host(m.weight.data, m.weight.quant_state, pin=self.cuda) for m in linears])
             self.blocks.append(len(blocks))
             self.blocks_left.append(len(blocks))
             self._point(i, None)  # the loaded copies go now, so memory never holds two
@@ -77,7 +77,7 @@ class OffloadedLayers:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(ready)
             for data, state in copies:  # freed copies must not be reused while this stream may still read them
-                for t in (data, *_state_tensors(state)):
+                for t in (data, *nf4.state_tensors(state)):
                     t.record_stream(current)
         self._point(i, copies)
         self.installed = i
@@ -115,10 +115,10 @@ class OffloadedLayers:
         self.prefetched[i] = (copies, ready)
 
     def _copy(self, i: int) -> Copies:
-        copies = [(_copy(data, self.device), _state_to(state, self.device)) for data, state in self.store[i]]
+        copies = [(nf4.copy_to(data, self.device), nf4.state_to(state, self.device)) for data, state in self.store[i]]
         self.resident()  # forget the copies already freed, so this list stays as short as what is alive
         self.copies += [(i, StorageWeakRef(t.untyped_storage())) for data, state in copies
-                        for t in (data, *_state_tensors(state))]
+                        for t in (data, *nf4.state_tensors(state))]
         return copies
 
     def _point(self, i: int, copies: Copies | None) -> None:
@@ -132,53 +132,10 @@ class OffloadedLayers:
             m.quant_state = m.weight.quant_state  # bitsandbytes restores the weight's state from here
 
 
-def _state_tensors(state: QuantState) -> list[torch.Tensor]:
-    tensors = [state.absmax, state.code, state.offset]
-    if state.nested:
-        tensors += [state.state2.absmax, state.state2.code]
-    return [t for t in tensors if t is not None]
-
-
-def _copy(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A copy of `t` on `device`: asynchronous from pinned memory; a clone when `device` is where `t` is."""
-    return t.to(device, non_blocking=True, copy=True)
-
-
-def _state_to(state: QuantState, device: torch.device) -> QuantState:
-    """A copy of `state` on `device`, every tensor copied asynchronously (bitsandbytes' `QuantState.to` moves
-    the original in place, and blocks on the small ones)."""
-    return _map_state(state, lambda t: _copy(t, device))
-
-
-def _map_state(state: QuantState, fn) -> QuantState:
-    """`state` with `fn` applied to each of its tensors."""
-    nested = None
-    if state.nested:
-        nested = QuantState(fn(state.state2.absmax), code=fn(state.state2.code), blocksize=state.state2.blocksize,
-                            quant_type=state.state2.quant_type, dtype=state.state2.dtype)
-    return QuantState(fn(state.absmax), shape=state.shape, code=fn(state.code), blocksize=state.blocksize,
-                      quant_type=state.quant_type, dtype=state.dtype,
-                      offset=fn(state.offset) if state.offset is not None else None, state2=nested)
-
-
-def _to_host(data: torch.Tensor, state: QuantState, pin: bool) -> tuple[torch.Tensor, QuantState]:
-    """Host copies of a 4-bit weight and its state; pinned when they will be copied to a GPU."""
-    def host(t: torch.Tensor) -> torch.Tensor:
-        t = t.to("cpu")
-        return t.pin_memory() if pin else t
-
-    return host(data), _map_state(state, host)
-
-
-def quant_state_to(state: QuantState, device: torch.device | str) -> QuantState:
-    """A copy of `state` on `device` (for parking weights at load time)."""
-    return _state_to(state, torch.device(device))
-
-
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's stack of decoder layers: the first ModuleList whose every entry holds 4-bit linears."""
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0 and all(
-                any(isinstance(m, bnb.nn.Linear4bit) for m in layer.modules()) for layer in module):
+                any(nf4.is_4bit(m) for m in layer.modules()) for layer in module):
             return module
     raise ValueError("train.offload_base: found no stack of decoder layers with 4-bit linears in this model")

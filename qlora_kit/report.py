@@ -1,20 +1,95 @@
-"""The training report: `output_dir/report.png` drawn from metrics.jsonl, and TensorBoard event files.
+"""What a run records: metrics.jsonl, TensorBoard events, the progress bar, `report.png` and the summary lines,
+all through one object (`RunLog`) that does nothing on processes other than the main one.
 
-Both are extras (`pip install qlora-kit[report]`): training never needs them, so without them a run says so in
-one line and carries on. The picture is drawn from metrics.jsonl alone, so `qlora-kit report OUTPUT_DIR`
-redraws it for any run, finished, stopped or still going.
+TensorBoard and the picture are extras (`pip install qlora-kit[report]`): training never needs them, so without
+them a run says so in one line and carries on. The picture is drawn from metrics.jsonl alone, so `qlora-kit report
+OUTPUT_DIR` redraws it for any run, finished, stopped or still going.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+
 from qlora_kit.errors import UserError
-from qlora_kit.metrics import human_bytes
+from qlora_kit.metrics import human_bytes, peak_memory_bytes
 
 INSTALL_HINT = "pip install 'qlora-kit[report]'"
+
+
+@dataclass
+class StepStats:
+    """One optimizer step, summed over its micro-batches and processes."""
+
+    loss: float  # mean token loss
+    grad_norm: float
+    good: bool  # False: skipped (non-finite loss or gradients)
+    tokens: int  # real tokens, padding excluded
+    positions: int  # token positions computed, padding included
+    padded_positions: int  # what padded batches of the same examples would have computed
+    seconds: float = 0.0
+
+
+class RunLog:
+    """The run's records. `active` False (processes other than the main one): every method does nothing."""
+
+    def __init__(self, output_dir: Path, active: bool, total_steps: int, first_step: int, log_every: int,
+                 device: torch.device) -> None:
+        self.output_dir, self.active, self.total_steps = output_dir, active, total_steps
+        self.log_every, self.device = log_every, device
+        self.metrics = (output_dir / "metrics.jsonl").open("a") if active else None
+        self.board = open_tensorboard(output_dir / "tensorboard", first_step) if active else None
+        self.bar = tqdm(total=total_steps, initial=first_step, disable=not (active and sys.stderr.isatty()),
+                        desc="train", unit="step")
+        self.tokens = self.positions = self.padded_positions = 0  # totals, on every process
+
+    def step(self, step: int, stats: StepStats, lr: float, eval_loss: float | None) -> None:
+        """Count the step; log it every `log_every` steps, at the end and with an evaluation (never a skipped one:
+        metrics.jsonl holds the steps that updated the adapter)."""
+        self.tokens += stats.tokens
+        self.positions += stats.positions
+        self.padded_positions += stats.padded_positions
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{stats.loss:.4f}")
+        due = step % self.log_every == 0 or step == self.total_steps or eval_loss is not None
+        if not (self.active and stats.good and due):
+            return
+        record = {"step": step, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm, "tokens": stats.tokens,
+                  "positions": stats.positions, "tokens_per_s": stats.tokens / stats.seconds,
+                  "seconds": stats.seconds, "peak_mem_bytes": peak_memory_bytes(self.device),
+                  **({"eval_loss": eval_loss} if eval_loss is not None else {})}
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()  # a crash keeps every step logged so far
+        if self.board:
+            write_tensorboard(self.board, record)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.active:
+            self.metrics.close()
+            if self.board:
+                self.board.close()
+
+    def summary(self, steps: int, seconds: float, loss: float, eval_loss: float | None, peak: int,
+                packing: str, adapter_dir: Path) -> None:
+        """The report picture (after the adapter is safe) and the closing lines."""
+        if not self.active:
+            return
+        report = draw_report(self.output_dir) if (self.output_dir / "metrics.jsonl").stat().st_size else None
+        print(f"padding: real tokens filled {self.tokens / max(self.positions, 1):.1%} of the positions computed "
+              f"(data.packing: {packing}); padded batches of the same examples: "
+              f"{self.tokens / max(self.padded_positions, 1):.1%}", file=sys.stderr)
+        if report:
+            print(f"report: {report}", file=sys.stderr)
+        evaluated = f", eval loss {eval_loss:.4f}" if eval_loss is not None else ""
+        print(f"done: {steps} steps in {seconds:.1f} s, {self.tokens / seconds:.0f} tokens/s, final loss "
+              f"{loss:.4f}{evaluated}, peak memory {human_bytes(peak)}; adapter: {adapter_dir}, metrics: "
+              f"{self.output_dir / 'metrics.jsonl'}", file=sys.stderr)
 
 
 def open_tensorboard(log_dir: Path, first_step: int = 0):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Gemma2Config, LlamaConfig, Phi3Config, Qwen2Config
 
-from qlora_kit.zoo import save_tiny_random
+from qlora_kit.model_paths import save_tiny_random
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download; fail fast instead of retrying a hub
 

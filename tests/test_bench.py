@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora_kit.zoo import save_tiny_random
+from qlora_kit.model_paths import save_tiny_random
 
 BENCH = Path(__file__).resolve().parents[1] / "tools" / "bench.py"
 STACK_FIELDS = ("load_seconds", "train_seconds", "tokens_per_s", "peak_mem_bytes", "final_loss", "real_tokens")

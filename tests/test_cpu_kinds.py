@@ -1,7 +1,7 @@
 """The same numbers on every CPU, whichever bf16 features it has.
 
 On CPUs with AVX512-BF16, bitsandbytes' `Linear4bit` repacks its weight in place at the first eval forward without
-grad and computes in bf16 from then on (model.keep_4bit_layout). `Linear4bit` reads the feature when it is built,
+grad and computes in bf16 from then on (nf4.keep_layout). `Linear4bit` reads the feature when it is built,
 so the `cpu_kind` fixture simulates each kind of CPU, whatever this machine is, by answering that question before
 any model is built. Both kinds must give the numbers of the grad-enabled (training) path.
 """
@@ -18,7 +18,7 @@ from qlora_kit.config import load_recipe
 from qlora_kit.errors import UserError
 from qlora_kit.inference import load_adapter_model
 from qlora_kit.merge import merge
-from qlora_kit.model import use_cpu_bf16_kernel
+from qlora_kit.nf4 import use_cpu_bf16_kernel
 from qlora_kit.train import build_model, train
 
 from conftest import write_jsonl
@@ -46,12 +46,12 @@ def packed_layers(model: torch.nn.Module) -> list[str]:
 def trained_looking_adapter(model_dir, out) -> tuple[torch.nn.Module, object]:
     """A model built as training builds it, with a non-zero adapter saved to `out`, and the saved adapter dir."""
     recipe = load_recipe(None, [f"model.path={model_dir}", "lora.r=4", "lora.alpha=8", "lora.dropout=0", TARGETS])
-    loaded, targets, candidates = build_model(recipe, CPU)
+    loaded = build_model(recipe, CPU)
     torch.manual_seed(1)
     for name, param in loaded.model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.5)
-    config = adapter_io.adapter_config(recipe.lora, adapter_io.peft_target_modules(targets, candidates),
+    config = adapter_io.adapter_config(recipe.lora, adapter_io.peft_target_modules(loaded.targets, loaded.linears),
                                        str(loaded.path))
     adapter_io.save_adapter(loaded.model, out, config)
     return loaded.model, out
@@ -98,7 +98,7 @@ def test_evaluation_during_training_changes_nothing_it_trains(cpu_kind, tiny_lla
 def test_the_bf16_kernel_is_refused_on_a_cpu_without_it(tiny_llama, monkeypatch):
     monkeypatch.setattr(bnb.functional, "has_avx512bf16", lambda: False)
     recipe = load_recipe(None, [f"model.path={tiny_llama}"])
-    model = build_model(recipe, CPU)[0].model
+    model = build_model(recipe, CPU).model
     with pytest.raises(UserError, match="AVX512-BF16"):
         use_cpu_bf16_kernel(model)
     assert all(not m.support_avx512bf16_for_cpu for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))

@@ -35,10 +35,10 @@ from qlora_kit.batching import (
 from qlora_kit.config import DataConfig, load_recipe
 from qlora_kit.data import load_data, load_examples
 from qlora_kit.errors import UserError
-from qlora_kit.formats import IGNORE, MAX_CHARS_PER_TOKEN, Encoded, Encoding, encode_row, fit_to_length
+from qlora_kit.formats import IGNORE, MAX_CHARS_PER_TOKEN, Encoded, EncodingRules, encode_row, fit_to_length
 from qlora_kit.loss import token_loss_sum
+from qlora_kit.model_paths import byte_level_tokenizer
 from qlora_kit.train import build_model, train
-from qlora_kit.zoo import byte_level_tokenizer
 
 from conftest import own_lines, write_jsonl
 
@@ -204,8 +204,8 @@ def test_truncate_cuts_the_prompt_first_then_the_end(tmp_path):
 
 def test_truncation_keeps_a_leading_bos():
     encoded = Encoded([9, 1, 2, 3, 4, 5], [IGNORE] * 4 + [4, 5], prompt_len=4)
-    assert fit_to_length(encoded, Encoding("prompt_completion", 4), bos_id=9) == ([9, 3, 4, 5], [IGNORE] * 2 + [4, 5],
-                                                                                  "truncated")
+    assert fit_to_length(encoded, EncodingRules("prompt_completion", 4), bos_id=9) == (
+        [9, 3, 4, 5], [IGNORE] * 2 + [4, 5], "truncated")
 
 
 def test_drop_and_error(tmp_path):
@@ -296,8 +296,8 @@ def test_data_keys_are_validated(overrides, key):
 def test_a_huge_row_is_cut_before_tokenising_to_exactly_what_truncation_keeps(tmp_path, monkeypatch, fmt, row):
     path = write_jsonl(tmp_path / "big.jsonl", [row])
     seq_len = 64
-    expected = fit_to_length(encode_row(row, TOK, Encoding(fmt, seq_len, chat_template=TOK.chat_template)),
-                             Encoding(fmt, seq_len), TOK.bos_token_id)  # the whole row tokenised, then cut
+    expected = fit_to_length(encode_row(row, TOK, EncodingRules(fmt, seq_len, chat_template=TOK.chat_template)),
+                             EncodingRules(fmt, seq_len), TOK.bos_token_id)  # the whole row tokenised, then cut
     seen = []
     tokenize = type(TOK).__call__
     monkeypatch.setattr(type(TOK), "__call__", lambda self, text, *a, **kw: seen.append(len(text)) or
@@ -510,7 +510,7 @@ def test_the_varlen_kernel_equals_per_example_sdpa(dtype):
 def test_padding_free_gradients_equal_padded_gradients(tiny_llama, tmp_path):
     """The same micro-batch padded or padding-free gives the same LoRA gradients: the same training trajectory."""
     recipe = load_recipe(None, [f"model.path={tiny_llama}", f"output_dir={tmp_path}", "lora.dropout=0", "lora.r=4"])
-    model = build_model(recipe, torch.device("cpu"))[0].model.train()
+    model = build_model(recipe, torch.device("cpu")).model.train()
     examples = random_examples([5, 17, 9, 30], seed=1)
     grads = []
     for batch in (collate(examples, pad_id=0), collate_padding_free(examples)):
@@ -593,7 +593,7 @@ def test_eval_loss_is_logged_and_equals_the_trained_models_loss(tiny_llama, tmp_
                                       "train.max_steps=3", "train.eval_every=2", "train.lr=1e-2", "lora.r=4"]))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert ["eval_loss" in r for r in records] == [False, True, True]
-    assert all(r["slots"] == r["tokens"] for r in records)  # padding-free: every computed position is a real token
+    assert all(r["positions"] == r["tokens"] for r in records)  # padding-free: every computed position is a real token
     assert "real tokens filled 100.0% of the positions computed" in capsys.readouterr().err
     examples = list(load_examples(held_out, TOK, 64, cache_dir=tmp_path / "cache").dataset)
     with torch.no_grad():

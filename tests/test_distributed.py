@@ -58,7 +58,7 @@ def test_fsdp_start_up_checks_catch_what_trains_garbage(tiny_llama):
     models = {}
     for storage in ("uint8", "float32"):
         recipe = load_recipe(None, [f"model.path={tiny_llama}", f"quant.storage_dtype={storage}", "lora.r=4"])
-        models[storage] = build_model(recipe, torch.device("cpu"))[0].model.eval()
+        models[storage] = build_model(recipe, torch.device("cpu")).model.eval()
     problems = fsdp_problems(models["uint8"], "uint8", 1, True, None)
     assert len(problems) == 1 and "set quant.storage_dtype=float32" in problems[0]
     assert fsdp_problems(models["float32"], "float32", 1, True, None) == []

@@ -92,7 +92,7 @@ def test_lora_parameter_count_matches_our_layers(tiny_llama):
         if targets != "all-linear":
             overrides.append(f"lora.target_modules={json.dumps(targets)}")
         recipe = load_recipe(None, overrides)
-        model = build_model(recipe, torch.device("cpu"))[0].model
+        model = build_model(recipe, torch.device("cpu")).model
         built = sum(p.numel() for p in model.parameters() if p.requires_grad)
         assert lora_parameter_count(find_shape(recipe), 4, recipe.lora.target_modules) == built
 

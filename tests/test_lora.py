@@ -178,7 +178,7 @@ def test_the_gpu_dropout_mask_is_drawn_as_booleans_without_a_float_per_entry(mon
     number per entry, which at 8192 tokens x 14336 would be a 470 MB temporary per LoRA input."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from qlora_kit import fused
+    from qlora_kit import cpu
 
     class Outputs(TorchDispatchMode):
         def __init__(self):
@@ -191,7 +191,7 @@ def test_the_gpu_dropout_mask_is_drawn_as_booleans_without_a_float_per_entry(mon
                             if isinstance(t, torch.Tensor) and t.numel() == 64 * 512]
             return out
 
-    monkeypatch.setattr(fused, "CPU_SPEEDUPS", False)
+    monkeypatch.setattr(cpu, "SPEEDUPS", False)
     torch.manual_seed(0)
     with Outputs() as seen:
         mask = draw_dropped(torch.Size((64, 512)), 0.1, torch.device("cpu"))

@@ -19,7 +19,7 @@ from qlora_kit.config import QuantConfig, load_recipe
 from qlora_kit.errors import UserError
 from qlora_kit.files import exclusive
 from qlora_kit.merge import merge
-from qlora_kit.model import quantize_roundtrip
+from qlora_kit.nf4 import quantize_roundtrip
 from qlora_kit.train import train
 
 from conftest import make_tiny_model

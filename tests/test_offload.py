@@ -5,13 +5,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qlora_kit import fused
+from qlora_kit import cpu
 from qlora_kit.batching import collate_padding_free
 from qlora_kit.config import load_recipe
 from qlora_kit.errors import UserError
 from qlora_kit.loss import token_loss_sum
+from qlora_kit.model_paths import save_tiny_random
 from qlora_kit.train import build_model, enable_checkpointing, train
-from qlora_kit.zoo import save_tiny_random
 
 CPU = torch.device("cpu")
 
@@ -35,9 +35,9 @@ def test_training_with_offload_gives_the_same_adapter_bit_for_bit(tiny_llama, me
 
 
 def test_layers_hold_their_weights_only_while_they_run(tiny_llama, tmp_path):
-    plain = build_model(recipe_for(tiny_llama, "x", tmp_path), torch.device("cpu"))[0].model.eval()
+    plain = build_model(recipe_for(tiny_llama, "x", tmp_path), torch.device("cpu")).model.eval()
     offloaded = build_model(recipe_for(tiny_llama, "x", tmp_path, "train.offload_base=true"),
-                            torch.device("cpu"))[0].model.eval()
+                            torch.device("cpu")).model.eval()
     linears = [m for n, m in offloaded.named_modules() if isinstance(m, bnb.nn.Linear4bit) and ".layers." in n]
     assert linears and all(m.weight.numel() == 0 for m in linears)  # released: an empty placeholder
     seen = []
@@ -58,9 +58,9 @@ def test_offload_needs_gradient_checkpointing():
 def test_at_most_two_layers_are_on_the_device_through_a_training_step(tmp_path, memorise_data, monkeypatch):
     """The GPU's code path on the CPU: the 4-bit weights and quant states are what backward keeps (no CPU-only
     dequantized copy), and every device copy is a real clone, so what is alive is what a GPU would hold."""
-    monkeypatch.setattr(fused, "CPU_SPEEDUPS", False)
+    monkeypatch.setattr(cpu, "SPEEDUPS", False)
     model_dir = save_tiny_random(tmp_path / "m", num_hidden_layers=6)
-    loaded = build_model(recipe_for(model_dir, memorise_data, tmp_path, "train.offload_base=true"), CPU)[0]
+    loaded = build_model(recipe_for(model_dir, memorise_data, tmp_path, "train.offload_base=true"), CPU)
     model, offload = loaded.model, loaded.offload
     enable_checkpointing(model)
     model.train()

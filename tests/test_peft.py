@@ -24,13 +24,13 @@ def test_peft_loads_our_adapter_with_matching_logits(tiny_models, tmp_path, arch
         targets = "[qkv_proj, gate_up_proj]"  # Phi-3 fuses q/k/v and gate/up into single linears
     recipe = load_recipe(None, [f"model.path={tiny_models[arch]}", "lora.r=4", "lora.alpha=8", "lora.dropout=0",
                                 f"lora.target_modules={targets}", f"lora.use_rslora={rslora}"])
-    loaded, chosen, candidates = build_model(recipe, CPU)
+    loaded = build_model(recipe, CPU)
     ours = loaded.model.eval()
     torch.manual_seed(1)
     for name, param in ours.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.5)  # a trained-looking adapter, not the identity
-    targets = adapter_io.peft_target_modules(chosen, candidates)
+    targets = adapter_io.peft_target_modules(loaded.targets, loaded.linears)
     config = adapter_io.adapter_config(recipe.lora, targets, str(loaded.path))
     adapter_io.save_adapter(ours, tmp_path / "adapter", config)
 
@@ -39,7 +39,7 @@ def test_peft_loads_our_adapter_with_matching_logits(tiny_models, tmp_path, arch
     assert result.unexpected_keys == []
     assert [k for k in result.missing_keys if "lora_" in k] == []
     n_lora = sum(1 for n, _ in peft_model.named_parameters() if "lora_" in n)
-    assert n_lora == 2 * len(chosen)
+    assert n_lora == 2 * len(loaded.targets)
 
     reference = PeftModel.from_pretrained(transformers_4bit(loaded.path), tmp_path / "adapter").eval()
     ids = torch.randint(0, 250, (2, 16))
@@ -56,7 +56,7 @@ def test_trained_adapter_loss_under_peft_equals_ours(tiny_llama, memorise_data, 
                                 "train.seq_len=64", "lora.r=8", "lora.alpha=16"])
     result = train(recipe)
     model = result.model.eval()
-    tokenizer = build_model(recipe, CPU)[0].tokenizer
+    tokenizer = build_model(recipe, CPU).tokenizer
     batch = collate(load_examples(memorise_data, tokenizer, 64).dataset, tokenizer.pad_token_id)
     with torch.no_grad():
         loss_sum, n = token_loss_sum(model, batch)

@@ -59,7 +59,7 @@ def test_epochs_when_max_steps_is_zero(tiny_llama, memorise_data, tmp_path):
 
 def test_base_weights_are_bit_identical_after_optimizer_steps(tiny_llama, memorise_data, tmp_path):
     recipe = recipe_for(tiny_llama, memorise_data, tmp_path / "run", "optim.name=paged_adamw_8bit")
-    loaded, _, _ = build_model(recipe, torch.device("cpu"))
+    loaded = build_model(recipe, torch.device("cpu"))
     model = loaded.model.train()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     quant_bytes = {n: m.weight.data.clone() for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
@@ -84,12 +84,12 @@ def test_base_weights_are_bit_identical_after_optimizer_steps(tiny_llama, memori
 def test_adapter_round_trip_gives_identical_logits(tiny_llama, memorise_data, tmp_path):
     result = train(recipe_for(tiny_llama, memorise_data, tmp_path / "run", "train.max_steps=5", "train.lr=1e-2"))
     recipe = recipe_for(tiny_llama, memorise_data, tmp_path / "eval", f"model.adapter={result.adapter_dir}")
-    reloaded, _, _ = build_model(recipe, torch.device("cpu"))
+    reloaded = build_model(recipe, torch.device("cpu"))
     ids = torch.randint(0, 250, (2, 16))
     trained = result.model.eval()
     with torch.no_grad():
         assert torch.equal(trained(ids).logits, reloaded.model.eval()(ids).logits)
-        base, _, _ = build_model(recipe_for(tiny_llama, memorise_data, tmp_path / "x"), torch.device("cpu"))
+        base = build_model(recipe_for(tiny_llama, memorise_data, tmp_path / "x"), torch.device("cpu"))
         assert not torch.allclose(base.model.eval()(ids).logits, trained(ids).logits)
 
 
@@ -126,7 +126,7 @@ def test_chunked_loss_equals_the_one_pass_loss(tiny_llama, tmp_path):
     """Head + loss in chunks (recomputed in backward) give the loss and LoRA gradients of one pass."""
     from qlora_kit.batching import collate_padding_free
 
-    model = build_model(recipe_for(tiny_llama, "unused.jsonl", tmp_path), torch.device("cpu"))[0].model.train()
+    model = build_model(recipe_for(tiny_llama, "unused.jsonl", tmp_path), torch.device("cpu")).model.train()
     for p in model.parameters():
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.02)  # B is zero at init: make every LoRA gradient non-trivial

@@ -83,9 +83,9 @@ def encode(row: dict[str, str], tokenizer, seq_len: int) -> tuple[list[int], lis
 
 def check_same_as_qlora_kit(rows, tokenizer, seq_len: int) -> None:
     """The tool's tokenisation must give qlora-kit's ids and labels, or the comparison is not of the same job."""
-    from qlora_kit.formats import Encoding, encode_prompt_completion, fit_to_length
+    from qlora_kit.formats import EncodingRules, encode_prompt_completion, fit_to_length
 
-    encoding = Encoding("prompt_completion", seq_len)
+    encoding = EncodingRules("prompt_completion", seq_len)
     for i, row in enumerate(rows):
         ids, labels, _ = fit_to_length(encode_prompt_completion(row["prompt"], row["completion"], tokenizer),
                                        encoding, tokenizer.bos_token_id)
@@ -193,7 +193,7 @@ def run_standard(s: dict) -> dict:
                                bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(s["model_dir"], quantization_config=quant, dtype=dtype,
                                                  device_map={"": 0} if cuda else {"": "cpu"})
-    for module in model.modules():  # no bf16 repacking at the final-loss pass, as qlora-kit (keep_4bit_layout)
+    for module in model.modules():  # no bf16 repacking at the final-loss pass, as qlora-kit (nf4.keep_layout)
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
@@ -256,7 +256,7 @@ def build_llama_8b_shape(out: Path) -> Path:
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qlora_kit.zoo import byte_level_tokenizer
+    from qlora_kit.model_paths import byte_level_tokenizer
 
     tokenizer = byte_level_tokenizer()
     config = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -367,7 +367,7 @@ def main(argv=None) -> None:
         run_one(args.run_one, args.settings)
         return
     from qlora_kit.model import load_tokenizer
-    from qlora_kit.zoo import resolve_model_path
+    from qlora_kit.model_paths import resolve_model_path
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     work = Path(args.work or tempfile.mkdtemp(prefix="qlora-kit-bench-"))

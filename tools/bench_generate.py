@@ -23,8 +23,9 @@ from bench import hardware  # noqa: E402
 
 from qlora_kit.config import QuantConfig  # noqa: E402
 from qlora_kit.inference import generate  # noqa: E402
-from qlora_kit.model import load_quantized, use_cpu_bf16_kernel  # noqa: E402
-from qlora_kit.zoo import resolve_model_path  # noqa: E402
+from qlora_kit.model import load_quantized  # noqa: E402
+from qlora_kit.model_paths import resolve_model_path  # noqa: E402
+from qlora_kit.nf4 import use_cpu_bf16_kernel  # noqa: E402
 
 PROMPTS = ("Write this date in compact form: July 4, 1976", "Explain what a linked list is, in two sentences.",
            "List three rivers of Europe.")
