@@ -98,11 +98,10 @@ def forward_inputs(batch: dict[str, torch.Tensor], model: nn.Module | None = Non
     """The model's keyword arguments for a batch: padded batches as they are; rows of concatenated examples with
     their position ids, the examples' spans, and a block-diagonal causal mask unless `model` does without it.
 
-    Position ids alone do not keep examples apart reliably: transformers 5.24 derives the block mask from them
-    only when the model runs without a KV cache; with `use_cache` on (e.g. a model loaded with its own config)
-    the second example attends to the first (its logits moved by up to ~10 on the tiny test models). An
-    explicit (B, 1, T, T) boolean mask, which SDPA takes as it is, works either way. It costs T^2 bytes per
-    micro-batch, e.g. 64 MiB for 4 examples of 2,048 tokens, 676 MiB for 26,624 tokens.
+    Position ids alone do not keep examples apart reliably: transformers derives the block mask from them only
+    when the model runs without a KV cache; with `use_cache` on (e.g. a model loaded with its own config) the
+    second example attends to the first. An explicit (B, 1, T, T) boolean mask, which SDPA takes as it is, works
+    either way. It costs T^2 bytes per micro-batch, e.g. 64 MiB for 4 examples of 2,048 tokens.
 
     A `model` whose every layer attends per example from the spans (`attention.needs_block_mask`) gets no block
     mask, and an all-ones 2D mask: given zeros (padding) or, with `use_cache` off, no 2D mask, transformers would

@@ -67,11 +67,11 @@ def _merge(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    import torch
 
     from qlora_kit.inference import generate, load_for_inference
+    from qlora_kit.model import default_device
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     model, tokenizer = load_for_inference(args.model, device)
     if args.cpu_bf16_kernel and device.type == "cpu":
         from qlora_kit.nf4 import use_cpu_bf16_kernel
@@ -84,12 +84,11 @@ def _generate(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     import json
 
-    import torch
-
     from qlora_kit.evaluate import evaluate
     from qlora_kit.inference import load_for_inference
+    from qlora_kit.model import default_device
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     model, tokenizer = load_for_inference(args.model, device)
     result = evaluate(model, tokenizer, args.data, seq_len=args.seq_len, generate=not args.no_generate)
     if not math.isfinite(result.loss):

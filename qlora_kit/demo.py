@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from transformers import AutoModelForCausalLM
 
 from qlora_kit.config import load_recipe
@@ -21,7 +20,7 @@ from qlora_kit.errors import UserError
 from qlora_kit.evaluate import exact_match
 from qlora_kit.merge import merge
 from qlora_kit.metrics import peak_memory_bytes
-from qlora_kit.model import compute_dtype_for
+from qlora_kit.model import compute_dtype_for, default_device
 from qlora_kit.train import build_model, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +33,7 @@ def run_demo(out: Path, overrides: list[str] = ()) -> dict:
         raise UserError(f"{RECIPE} not found: the demo runs from a source checkout (pip install -e .)")
     recipe = load_recipe(RECIPE, [f"output_dir={out}", f"data.path={ROOT / 'recipes/data/dates-train.jsonl'}",
                                   f"data.eval_path={ROOT / 'recipes/data/dates-eval.jsonl'}", *overrides])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     start = time.perf_counter()
 
     base = build_model(recipe, device)  # LoRA B = 0: exactly the 4-bit base training starts from

@@ -9,7 +9,7 @@ Sizes follow what `train` builds: 4-bit codes plus their scales (4.127 bits per 
 in bf16 on bf16 GPUs and fp32 elsewhere, Adam's two states in fp32 (8-bit: one byte each). The activation and
 logit terms count the tensors our layers save (the LoRA function, SDPA, the model's norms and MLP) per token;
 the logits assume every position is a label (text data), the worst case, up to the loss's chunk size.
-Validated against measured peaks: see the README's memory table (`tools/estimate_check.py`).
+Checked against measured peaks with `tools/estimate_check.py` (figures in docs/performance.md).
 
 With FSDP over N processes, weights, LoRA, gradients and optimizer states are divided by N (one layer at a time
 is gathered whole); activations are not.
@@ -22,18 +22,25 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from qlora_kit.config import Recipe
 from qlora_kit.errors import UserError
+from qlora_kit.lora import lora_dtype_for, select_targets
+from qlora_kit.metrics import human_bytes
+from qlora_kit.model import compute_dtype_for
 
 SHAPES = Path(__file__).parent / "shapes"
 CUDA_CONTEXT = 600 * 2**20  # CUDA context + cuBLAS workspace: not in max_memory_allocated, but on the card
 ALLOCATOR_SLACK = 0.05  # the caching allocator's fragmentation, as a share of everything allocated
-CPU_PROCESS = 420 * 2**20  # python + torch + transformers + bitsandbytes + datasets, measured resident (2-core CPU)
+CPU_PROCESS = 420 * 2**20  # python + torch + transformers + bitsandbytes + datasets, resident (docs/performance.md)
 
 
 @dataclass
 class Shape:
-    """The fields of a decoder-only config.json that memory depends on."""
+    """What memory depends on in a decoder-only model: the config's sizes, and the linears training quantizes
+    (and may put LoRA on), found by building the model from its config on the meta device and asking the same
+    functions training asks (`model.quantizable_linears`, `model.linear_shapes`)."""
 
     name: str
     vocab_size: int
@@ -43,44 +50,39 @@ class Shape:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    tie_word_embeddings: bool
     max_position_embeddings: int
-    attention_bias: bool = False
-
-    def layer_linears(self) -> dict[str, tuple[int, int]]:
-        """(in, out) of each 4-bit linear of one decoder layer, by the leaf name LoRA targets use."""
-        h, i, q, kv = self.hidden_size, self.intermediate_size, self.num_heads * self.head_dim, \
-            self.num_kv_heads * self.head_dim
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    linears: dict[str, tuple[int, int]]  # full name -> (d_in, d_out) of each quantized linear
+    dense_params: int  # embeddings, head (unless tied), norms, biases: kept in the compute dtype
 
     @property
     def quantized_params(self) -> int:
-        return self.num_layers * sum(a * b for a, b in self.layer_linears().values())
-
-    @property
-    def dense_params(self) -> int:
-        """Embeddings, head (unless tied), norms and biases: kept in the compute dtype."""
-        head = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
-        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        biases = self.num_layers * (q + 2 * kv) if self.attention_bias else 0
-        return self.vocab_size * self.hidden_size + head + (2 * self.num_layers + 1) * self.hidden_size + biases
+        return sum(d_in * d_out for d_in, d_out in self.linears.values())
 
 
 def shape_from_config(config: dict, name: str) -> Shape:
     """A `Shape` from a config.json's fields (multimodal configs: their text part)."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qlora_kit.model import linear_shapes
+
     c = config.get("text_config", config)
     try:
         heads = c["num_attention_heads"]
+        with init_empty_weights(include_buffers=True):
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**{**config, **c}), dtype=torch.bfloat16)
+        linears = linear_shapes(model)
+        model.tie_weights()  # as loading does: a tied head is counted once
+        dense = sum(p.numel() for n, p in model.named_parameters() if n.removesuffix(".weight") not in linears)
         return Shape(name=name, vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
                      intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"], num_heads=heads,
                      num_kv_heads=c.get("num_key_value_heads") or heads,
                      head_dim=c.get("head_dim") or c["hidden_size"] // heads,
-                     tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-                     max_position_embeddings=c.get("max_position_embeddings", 4096),
-                     attention_bias=bool(c.get("attention_bias", c.get("model_type") == "qwen2")))
-    except KeyError as e:
-        raise UserError(f"{name}: config.json has no {e.args[0]}; the estimate needs a decoder-only LLM's config"
+                     max_position_embeddings=c.get("max_position_embeddings", 4096), linears=linears,
+                     dense_params=dense)
+    except (KeyError, ValueError) as e:
+        raise UserError(f"{name}: config.json cannot be built as a decoder-only LLM ({e}); the estimate needs one"
                         ) from None
 
 
@@ -128,8 +130,8 @@ def estimate(recipe: Recipe, shape: Shape, device: str = "cuda", shards: int = 1
     # 4 bits a weight, an 8-bit absmax a block of 64 and (double quantization) an fp32 scale per 256 blocks:
     # 4 + 8/64 + 32/(64*256) = 4.127 bits; without double quantization an fp32 absmax a block: 4.5 bits.
     quant_bits = 4 + 8 / q.blocksize + 32 / (q.blocksize * 256) if q.double_quant else 4 + 32 / q.blocksize
-    cb = _compute_bytes(q.compute_dtype, device)
-    lora_bytes = 2 if cb == 2 and q.compute_dtype != "float16" else 4  # as `train.build_model` chooses
+    compute = compute_dtype_for(q.compute_dtype, torch.device(device), gpu_has_bf16=True)
+    cb, lora_bytes = compute.itemsize, lora_dtype_for(compute).itemsize  # as training chooses them
     lora_params = lora_parameter_count(shape, lora.r, lora.target_modules)
     state_bytes = {"paged_adamw_32bit": 8, "paged_adamw_8bit": 2, "adamw": 2 * lora_bytes}[recipe.optim.name]
     tokens = t.micro_batch_size * t.seq_len
@@ -143,8 +145,8 @@ def estimate(recipe: Recipe, shape: Shape, device: str = "cuda", shards: int = 1
         "optimizer states": lora_params * state_bytes // shards,
         "activations": (shape.num_layers * tokens * h * cb + tokens * layer) if t.gradient_checkpointing
         else shape.num_layers * tokens * (layer + h * cb),
-        # head output and gradient in the compute dtype, + 12 bytes in fp32: measured peaks did not fall with the
-        # in-place cross-entropy (SmolLM2 1x512 on the CPU), so the earlier count stays
+        # head output and gradient in the compute dtype, + 12 bytes an entry in fp32 (the loss's copy and its
+        # temporaries; docs/performance.md has the check against measured peaks)
         "logits and loss": logit_tokens(tokens, shape.vocab_size) * shape.vocab_size * (2 * cb + 12),
     }
     if device == "cpu" and t.gradient_checkpointing:  # fused.py: the recompute keeps its layer dequantized
@@ -198,25 +200,8 @@ def per_token_layer_bytes(shape: Shape, cb: int, dropout: bool) -> int:
 
 
 def lora_parameter_count(shape: Shape, r: int, target_modules: str | list[str]) -> int:
-    linears = shape.layer_linears()
-    if target_modules == "all-linear":
-        chosen = list(linears)
-    else:
-        chosen = [n for n in linears if any(t == n or t.endswith("." + n) or _matches(t, n) for t in target_modules)]
-    return shape.num_layers * sum(r * (linears[n][0] + linears[n][1]) for n in chosen)
-
-
-def _matches(pattern: str, leaf: str) -> bool:
-    try:  # a regex against a full name such as model.layers.0.self_attn.q_proj
-        return re.fullmatch(pattern, f"model.layers.0.x.{leaf}") is not None or re.search(pattern, leaf) is not None
-    except re.error:
-        return False
-
-
-def _compute_bytes(compute_dtype: str, device: str) -> int:
-    if compute_dtype == "auto":
-        return 2 if device == "cuda" else 4
-    return 4 if compute_dtype == "float32" else 2
+    """LoRA parameters on the linears training would target (`lora.select_targets`)."""
+    return sum(r * sum(shape.linears[n]) for n in select_targets(list(shape.linears), target_modules))
 
 
 def largest_fitting(recipe: Recipe, shape: Shape, budget: int, device: str = "cuda", shards: int = 1,
@@ -263,7 +248,7 @@ def local_gpu_memory() -> int | None:
 
 
 def gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+    return human_bytes(n, "GiB", 2)
 
 
 def format_estimate(recipe: Recipe, shape: Shape, est: Estimate, budget: int | None) -> str:

@@ -1,7 +1,7 @@
 """Turn a GGUF checkpoint into a plain Hugging Face model directory, once, cached by content.
 
 Why: transformers can read a GGUF file but refuses to `save_pretrained` the result, and reading it is slow
-(~20 s for 135M parameters on a small CPU). Everything downstream (NF4 quantization, LoRA, merge, export)
+(tens of seconds even for a small model). Everything downstream (NF4 quantization, LoRA, merge, export)
 wants an ordinary safetensors directory, so we dequantize once and reuse the directory afterwards.
 
 Weights are kept in float32: Q4_1 dequantizes to `d * q + m` computed in float32 from fp16 scales, and those

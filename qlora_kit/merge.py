@@ -33,7 +33,7 @@ from qlora_kit.errors import MergeCheckError, UserError
 from qlora_kit.files import check_free_space, exclusive, remove_leftovers, staged_dir
 from qlora_kit.inference import load_adapter_model
 from qlora_kit.metrics import peak_memory_bytes
-from qlora_kit.model import checkpoint_files, linear_shapes, meta_model
+from qlora_kit.model import checkpoint_files, default_device, linear_shapes, meta_model
 from qlora_kit.model_paths import resolve_model_path
 from qlora_kit.nf4 import quantize_roundtrip
 
@@ -241,7 +241,7 @@ def _check_logits(inputs: MergeInputs, out: Path, out_dtype: torch.dtype, report
     Both sides compute in float32 (on the GPU when there is one): the 4-bit weights are quantized from the
     training compute dtype exactly as in training, so what is compared is the export's rounding alone, at the
     export dtype's tolerance; a bf16 reference would add its own rounding, and run ~50x slower on most CPUs."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     trained = load_adapter_model(inputs.adapter_dir, device, "float32", str(inputs.base_path),
                                  quantize_from=inputs.compute_dtype).model
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device).eval()

@@ -39,9 +39,9 @@ def _proc_kib(path: str, field: str) -> int | None:
         return None
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+def human_bytes(n: float, unit: str | None = None, digits: int = 1) -> str:
+    """`n` bytes in the largest binary unit below it (B to GiB), or in `unit` (tables that align their figures)."""
+    units = ("B", "KiB", "MiB", "GiB")
+    if unit is None:
+        unit = next((u for i, u in enumerate(units) if n < 1024 ** (i + 1)), "GiB")
+    return f"{n / 1024 ** units.index(unit):.{digits}f} {unit}"

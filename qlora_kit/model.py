@@ -50,12 +50,20 @@ class LoadedModel:
     targets: list[str] = field(default_factory=list)  # those with LoRA (PEFT's `target_modules` needs both)
 
 
-def compute_dtype_for(name: str, device: torch.device) -> torch.dtype:
-    """Resolve `quant.compute_dtype`; `auto` is bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU."""
+def default_device() -> torch.device:
+    """Where inference and checks run: the GPU when there is one (training's device comes from Accelerate)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compute_dtype_for(name: str, device: torch.device, gpu_has_bf16: bool | None = None) -> torch.dtype:
+    """Resolve `quant.compute_dtype`; `auto` is bf16 on GPUs that have it natively, fp16 on older GPUs (emulated
+    bf16, as on T4 or V100, runs far slower than fp16 there), fp32 on CPU. `gpu_has_bf16`: None asks this
+    machine's GPU; the estimator, planning for another machine, assumes a current one."""
     if name != "auto":
         return getattr(torch, name)
-    if device.type == "cuda":  # emulated bf16 (T4, V100) runs far slower than fp16 there
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported(including_emulation=False) if gpu_has_bf16 is None else gpu_has_bf16
+        return torch.bfloat16 if native else torch.float16
     return torch.float32
 
 

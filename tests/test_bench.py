@@ -17,6 +17,7 @@ RATIO_FIELDS = {"load_seconds": "load_seconds", "train_seconds": "train_seconds"
                 "final_loss": "final_loss", "tokens_per_s": "tokens_per_s"}
 
 
+@pytest.mark.slow
 def test_bench_runs_both_stacks(tmp_path):
     model = save_tiny_random(tmp_path / "m")
     out = tmp_path / "bench.json"
@@ -39,6 +40,7 @@ def test_bench_runs_both_stacks(tmp_path):
     assert report["ratios"]["final_loss"] == pytest.approx(1.0, abs=0.05)
 
 
+@pytest.mark.slow
 def test_generation_bench_runs(tmp_path):
     model = save_tiny_random(tmp_path / "m")
     out = tmp_path / "gen.json"

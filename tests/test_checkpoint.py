@@ -50,6 +50,7 @@ def losses(out):
     return [(r["step"], r["loss"], r["tokens"]) for r in map(json.loads, (out / "metrics.jsonl").open())]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_a_bit_identical_adapter(tiny_llama, memorise_data, tmp_path):
     args = overrides(tiny_llama, memorise_data, tmp_path / "killed", "train.max_steps=10", "train.save_every=3")
     killed = cli(tmp_path, *args)
@@ -68,6 +69,7 @@ def test_sigkill_then_resume_gives_a_bit_identical_adapter(tiny_llama, memorise_
     assert losses(tmp_path / "killed") == losses(tmp_path / "reference")  # same batches, same losses, no gaps
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_0(tiny_llama, memorise_data, tmp_path):
     out = tmp_path / "run"
     run = cli(tmp_path, *overrides(tiny_llama, memorise_data, out, "train.max_steps=1000"))
@@ -80,6 +82,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(tiny_llama, memorise_data, tmp_p
     assert ckpt.checkpoint_step(latest) == losses(out)[-1][0] < 1000
 
 
+@pytest.mark.slow
 def test_a_second_signal_exits_at_once(tiny_llama, memorise_data, tmp_path):
     out = tmp_path / "run"
     run = cli(tmp_path, *overrides(tiny_llama, memorise_data, out, "train.max_steps=1000"))
@@ -134,6 +137,7 @@ def test_optimizer_state_round_trips_through_safetensors_exactly(name, tmp_path)
     assert all(torch.equal(p, e) for p, e in zip(params, expected, strict=True))
 
 
+@pytest.mark.slow
 def test_partial_and_corrupted_checkpoints_are_ignored(tiny_llama, memorise_data, tmp_path):
     out = tmp_path / "run"
     recipe = load_recipe(None, overrides(tiny_llama, memorise_data, out, "train.max_steps=4", "train.save_every=1",
@@ -256,6 +260,7 @@ def test_report_png_and_tensorboard_events_are_written(tiny_llama, memorise_data
 # ------------------------------------------------------------------------------ locks, damage, resume rules
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_busy_output_dir_is_refused_naming_the_first(tiny_llama, memorise_data, tmp_path,
                                                                          capsys):
     out = tmp_path / "run"
@@ -276,6 +281,7 @@ def test_a_second_run_into_a_busy_output_dir_is_refused_naming_the_first(tiny_ll
                  f"train.max_steps={steps + 1}", "train.save_every=1"), "--resume"]) == 0
 
 
+@pytest.mark.slow
 def test_a_zero_filled_checkpoint_file_falls_back_to_the_previous_checkpoint(tiny_llama, memorise_data, tmp_path,
                                                                               capsys):
     straight = train(load_recipe(None, overrides(tiny_llama, memorise_data, tmp_path / "a", "train.max_steps=3")))
@@ -335,6 +341,7 @@ def write_rows(path, word):
     return path
 
 
+@pytest.mark.slow
 def test_resume_honours_what_it_allows_and_records_it(tiny_llama, memorise_data, tmp_path):
     out = tmp_path / "run"
     train(load_recipe(None, overrides(tiny_llama, memorise_data, out, "train.max_steps=2", "train.save_every=1")))
@@ -346,6 +353,7 @@ def test_resume_honours_what_it_allows_and_records_it(tiny_llama, memorise_data,
     assert (saved.train.max_steps, saved.train.save_every, saved.train.max_grad_norm) == (4, 3, 0.5)
 
 
+@pytest.mark.slow
 def test_leftovers_of_interrupted_saves_and_deletions_are_removed(tiny_llama, memorise_data, tmp_path):
     out = tmp_path / "run"
     args = overrides(tiny_llama, memorise_data, out, "train.max_steps=2", "train.save_every=1")

@@ -78,6 +78,7 @@ def test_merge_check_passes(cpu_kind, tiny_llama, tmp_path):
     assert report.passed and report.logits_max_abs_diff <= 1e-4 * report.logits_max_abs
 
 
+@pytest.mark.slow
 def test_evaluation_during_training_changes_nothing_it_trains(cpu_kind, tiny_llama, memorise_data, tmp_path):
     held_out = write_jsonl(tmp_path / "e.jsonl", [{"prompt": f"Reverse: {w}\n", "completion": w[::-1]}
                                                   for w in ("echo", "golf", "hotel")])

@@ -264,6 +264,7 @@ def test_skip_bad_rows_leaves_them_out_and_counts_them(tmp_path):
     assert examples.skipped == 2 and "2 bad rows skipped" in examples.summary()
 
 
+@pytest.mark.slow
 def test_bad_data_fails_before_training_with_exit_code_2(tiny_llama, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": 7}\n')
@@ -293,6 +294,7 @@ def test_data_keys_are_validated(overrides, key):
     ("chat", {"messages": [{"role": "user", "content": "u" * 300_000}, {"role": "assistant", "content": "a" * 9},
                            {"role": "user", "content": "v" * 10}, {"role": "assistant", "content": "b" * 900_000}]}),
 ])
+@pytest.mark.slow
 def test_a_huge_row_is_cut_before_tokenising_to_exactly_what_truncation_keeps(tmp_path, monkeypatch, fmt, row):
     path = write_jsonl(tmp_path / "big.jsonl", [row])
     seq_len = 64

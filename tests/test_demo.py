@@ -2,11 +2,13 @@
 
 import json
 
+import pytest
 from transformers import AutoModelForCausalLM
 
 from qlora_kit.demo import ROOT, run_demo
 
 
+@pytest.mark.slow
 def test_demo_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path / "cache"))  # converts the GGUF afresh (~35 s)
     held_out = tmp_path / "eval.jsonl"

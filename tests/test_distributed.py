@@ -20,6 +20,7 @@ def run(args, nproc=1, timeout=300, env=None):
                           timeout=timeout, env=env)
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process_accumulating(tiny_llama, tmp_path):
     """2 ranks x grad_accum 1 == 1 process x grad_accum 2: the same micro-batches in each step, gradients
     averaged by DDP and normalised by the step's label tokens on all ranks; only rank 0 writes."""
@@ -73,6 +74,7 @@ def test_fsdp_start_up_checks_catch_what_trains_garbage(tiny_llama):
     assert "mixed_precision: 'no'" in fsdp_problems(fine, "float32", 1, True, torch.bfloat16)[0]
 
 
+@pytest.mark.slow
 def test_a_resumed_two_rank_run_equals_an_uninterrupted_one(tiny_llama, tmp_path):
     """Each rank draws its own dropout masks (its micro-batches differ in size), so each must get its own RNG
     state back on resume; and resuming with another number of processes is refused."""
@@ -96,6 +98,7 @@ def test_a_resumed_two_rank_run_equals_an_uninterrupted_one(tiny_llama, tmp_path
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_fsdp_two_ranks_equal_one_process_accumulating(tiny_llama, tmp_path):
     """FSDP-QLoRA on the CPU (gloo), wrapped as on GPUs: the main process alone reads the weights, the others
     receive them; LoRA matrices are units of their own; the gradient norm is the global one; the adapter is

@@ -14,6 +14,7 @@ from qlora_kit.cli import main
 from qlora_kit.config import load_recipe
 from qlora_kit.estimate import (
     SHAPES,
+    Shape,
     estimate,
     find_shape,
     largest_fitting,
@@ -76,10 +77,11 @@ def test_four_bit_bytes_match_bitsandbytes():
         actual = p.data.numel() * p.data.element_size() + state.absmax.numel() * state.absmax.element_size()
         if double:
             actual += state.state2.absmax.numel() * state.state2.absmax.element_size()
-        shape = shape_from_config({"vocab_size": 1, "hidden_size": 1024, "intermediate_size": 0,
-                                   "num_hidden_layers": 1, "num_attention_heads": 1, "head_dim": 1024}, "one")
+        # four 1024 x 1024 linears = the weight's 4M parameters
+        shape = Shape("one", vocab_size=1, hidden_size=1024, intermediate_size=0, num_layers=1, num_heads=1,
+                      num_kv_heads=1, head_dim=1024, max_position_embeddings=4096,
+                      linears={f"l{i}": (1024, 1024) for i in range(4)}, dense_params=0)
         recipe.quant.double_quant = double
-        # q, k, v, o of this shape: four 1024 x 1024 linears = the weight's 4M parameters
         predicted = estimate(recipe, shape).parts["4-bit weights"]
         assert abs(predicted - actual) <= 0.001 * actual, (double, predicted, actual)
 

@@ -59,6 +59,7 @@ def reloaded(converted: Path):
     return model, info, AutoTokenizer.from_pretrained(converted)
 
 
+@pytest.mark.slow
 def test_directory_layout(converted: Path, cache_root: Path) -> None:
     assert converted.parent == cache_root / "gguf"
     assert converted.name.startswith("SmolLM2-135M-Instruct.Q4_1-")
@@ -73,6 +74,7 @@ def test_directory_layout(converted: Path, cache_root: Path) -> None:
     assert [p.name for p in converted.parent.iterdir()] == [converted.name]  # the killed conversion's leftover went
 
 
+@pytest.mark.slow
 def test_weights_are_exact_float32_and_tied(reloaded, reference) -> None:
     model, info, _ = reloaded
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
@@ -86,6 +88,7 @@ def test_weights_are_exact_float32_and_tied(reloaded, reference) -> None:
         assert torch.equal(ours[key], tensor), key
 
 
+@pytest.mark.slow
 def test_logits_match_the_gguf(reloaded, reference) -> None:
     model, _, tokenizer = reloaded
     ids = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -95,6 +98,7 @@ def test_logits_match_the_gguf(reloaded, reference) -> None:
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_tokenizer_and_generation_config(reloaded) -> None:
     # Compared with literals rather than a GGUF-loaded tokenizer: parsing the GGUF's vocabulary costs ~6 s.
     model, _, tokenizer = reloaded
@@ -111,6 +115,7 @@ def test_tokenizer_and_generation_config(reloaded) -> None:
     assert model.generation_config.bos_token_id == tokenizer.bos_token_id == 1
 
 
+@pytest.mark.slow
 def test_second_call_hits_the_cache(gguf_file: Path, cache_root: Path, converted: Path, capsys) -> None:
     weights = converted / "model.safetensors"
     mtime = weights.stat().st_mtime_ns

@@ -39,6 +39,7 @@ def test_split_prompt_answer_takes_the_last_labelled_run_without_eos():
     assert split_prompt_answer(ids, labels, eos_id=2) == ([1, 5, 6, 7, 2, 9], [8, 3])
 
 
+@pytest.mark.slow
 def test_batched_exact_match_equals_one_at_a_time_greedy_generation(trained):
     model, tokenizer = load_for_inference(str(trained["adapter"]), CPU)
     examples = load_examples(trained["data"], tokenizer, 64)
@@ -53,6 +54,7 @@ def test_batched_exact_match_equals_one_at_a_time_greedy_generation(trained):
     assert match == sum(s["output"] == s["answer"] for s in samples) / 4 and match >= 0.75  # it was learned
 
 
+@pytest.mark.slow
 def test_eval_on_adapter_and_float16_export_agree(trained):
     results = [evaluate(*load_for_inference(str(trained[k]), CPU), str(trained["data"])) for k in ("adapter", "merged")]
     adapter, merged = results
@@ -66,6 +68,7 @@ def run_cli(*args):
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_eval_json_and_generate(trained):
     result = run_cli("eval", trained["adapter"], "--data", trained["data"], "--json")
     assert result.returncode == 0, result.stderr

@@ -72,6 +72,7 @@ def test_dropout_matches_naive_lora_with_the_same_mask(p):
 
 
 @pytest.mark.parametrize("per_round", [None, 7])  # 7: many rounds of gaps, to test the continuation
+@pytest.mark.slow
 def test_dropout_draws_are_bernoulli(per_round):
     """Indices sorted, unique, in range; rate p; neighbours independent (pairs dropped together at rate p^2)."""
     p, shape = 0.05, torch.Size((400, 500))

@@ -117,6 +117,7 @@ def test_multi_shard_input_and_tied_embeddings(tmp_path, memorise_data):
         torch.testing.assert_close(exported(IDS).logits, trained(IDS).logits, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_float16_overflow_is_refused_with_a_hint(tmp_path, memorise_data):
     model_dir = make_tiny_model(tmp_path / "big", "llama")
     weights = load_file(model_dir / "model.safetensors")
@@ -150,6 +151,7 @@ def run_cli(*args):
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_merge_refuses_existing_output_and_fails_on_broken_parity(tiny_llama, memorise_data, tmp_path,
                                                                      monkeypatch, capsys):
     adapter, _ = trained_adapter(tiny_llama, memorise_data, tmp_path / "run", "train.merge_after=true",

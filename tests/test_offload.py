@@ -22,6 +22,7 @@ def recipe_for(model_dir, data, out, *overrides):
                               "train.max_steps=4", "lora.dropout=0.1", *overrides])
 
 
+@pytest.mark.slow
 def test_training_with_offload_gives_the_same_adapter_bit_for_bit(tiny_llama, memorise_data, tmp_path):
     runs = [train(recipe_for(tiny_llama, memorise_data, tmp_path / f"offload-{on}", f"train.offload_base={on}"))
             for on in ("false", "true")]

@@ -26,6 +26,7 @@ def recipe_for(model_dir, data, out, *overrides):
                               "lora.dropout=0", *overrides])
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_memorisation_task(tiny_llama, memorise_data, tmp_path):
     train(recipe_for(tiny_llama, memorise_data, tmp_path / "run", "train.max_steps=40", "train.lr=1e-2",
                               "train.lr_schedule=constant"))
@@ -100,6 +101,7 @@ def test_adapter_with_another_rank_is_refused(tiny_llama, memorise_data, tmp_pat
         build_model(recipe, torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_training_is_deterministic(tiny_llama, memorise_data, tmp_path):
     runs = [train(recipe_for(tiny_llama, memorise_data, tmp_path / f"run{i}", "train.max_steps=4",
                              "lora.dropout=0.1")) for i in range(2)]
@@ -107,6 +109,7 @@ def test_training_is_deterministic(tiny_llama, memorise_data, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_checkpointing_recomputes_the_same_dropout(tiny_llama, memorise_data, tmp_path):
     """Recomputed layers must draw the dropout masks of the first pass, or their gradients belong to another
     forward: with checkpointing on and off, the same adapter (fp32, same ops: equal to rounding)."""
@@ -149,6 +152,7 @@ def test_chunked_loss_equals_the_one_pass_loss(tiny_llama, tmp_path):
         torch.testing.assert_close(results[1][1][k], grad, rtol=1e-4, atol=1e-6, msg=k)
 
 
+@pytest.mark.slow
 def test_grad_accum_equals_a_bigger_micro_batch(tiny_llama, memorise_data, tmp_path):
     """Loss is normalised by the label tokens of the whole step, so 2 x 2 == 1 x 4 (up to padding numerics)."""
     one = train(recipe_for(tiny_llama, memorise_data, tmp_path / "a", "train.max_steps=3", "train.micro_batch_size=4"))
@@ -164,6 +168,7 @@ def run_cli(*args, cwd=None):
                           cwd=cwd, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_train_runs_and_refuses_to_overwrite(tiny_llama, memorise_data, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("train:\n  lr: 1e-3\n")
@@ -176,6 +181,7 @@ def test_cli_train_runs_and_refuses_to_overwrite(tiny_llama, memorise_data, tmp_
     assert again.returncode == 2 and "already holds a run" in again.stderr and "--overwrite" in again.stderr
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_a_finished_run(tiny_llama, memorise_data, tmp_path):
     recipe = recipe_for(tiny_llama, memorise_data, tmp_path / "run", "train.max_steps=2")
     train(recipe)
@@ -226,6 +232,7 @@ def test_auto_compute_dtype_uses_bf16_only_where_the_gpu_has_it_natively(monkeyp
         assert compute_dtype_for("auto", torch.device("cuda")) == expected
 
 
+@pytest.mark.slow
 def test_fp16_training_scales_the_loss_and_survives_overflows(tiny_llama, memorise_data, tmp_path, monkeypatch):
     """fp16 compute (what GPUs without bf16 get): the loss is scaled, overflowing steps are skipped while the
     scale comes down, and they do not count as divergence. Started at 2^40, the scale overflows at once."""

@@ -122,6 +122,7 @@ def test_a_row_nested_100000_deep_is_a_bad_row(tiny_llama, tmp_path, capsys):
                             f"output_dir={tmp_path / 'run'}"], f"{path}:2: JSON nested too deeply to read")
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_loading_data_exits_130_with_one_line(tiny_llama, tmp_path):
     path = tmp_path / "many.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"Reverse: w{i}\n", "completion": f"{i}w"}) + "\n"
