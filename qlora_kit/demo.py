@@ -18,8 +18,8 @@ from qlora_kit.config import load_recipe
 from qlora_kit.data import load_examples
 from qlora_kit.errors import UserError
 from qlora_kit.evaluate import exact_match
+from qlora_kit.memory import peak_memory_bytes
 from qlora_kit.merge import merge
-from qlora_kit.metrics import peak_memory_bytes
 from qlora_kit.model import compute_dtype_for, default_device
 from qlora_kit.train import build_model, train
 

@@ -27,7 +27,7 @@ import torch
 from qlora_kit.config import Recipe
 from qlora_kit.errors import UserError
 from qlora_kit.lora import lora_dtype_for, select_targets
-from qlora_kit.metrics import human_bytes
+from qlora_kit.memory import human_bytes
 from qlora_kit.model import compute_dtype_for
 
 SHAPES = Path(__file__).parent / "shapes"

@@ -154,7 +154,7 @@ def _lock(path: Path, what: str, directory: Path, wait: bool) -> int:
 
 def check_free_space(directory: Path, needed: int, what: str) -> None:
     """Refuse to start a write that cannot fit: a full disk halfway wastes the work done before it."""
-    from qlora_kit.metrics import human_bytes
+    from qlora_kit.memory import human_bytes
 
     directory = Path(directory)
     existing = next(p for p in [directory, *directory.parents] if p.exists())

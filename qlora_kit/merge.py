@@ -32,7 +32,7 @@ from qlora_kit.cpu import return_large_frees_to_os
 from qlora_kit.errors import MergeCheckError, UserError
 from qlora_kit.files import check_free_space, exclusive, remove_leftovers, staged_dir
 from qlora_kit.inference import load_adapter_model
-from qlora_kit.metrics import peak_memory_bytes
+from qlora_kit.memory import peak_memory_bytes
 from qlora_kit.model import checkpoint_files, default_device, linear_shapes, meta_model
 from qlora_kit.model_paths import resolve_model_path
 from qlora_kit.nf4 import quantize_roundtrip

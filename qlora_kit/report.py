@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from qlora_kit.errors import UserError
-from qlora_kit.metrics import human_bytes, peak_memory_bytes
+from qlora_kit.memory import human_bytes, peak_memory_bytes
 
 INSTALL_HINT = "pip install 'qlora-kit[report]'"
 

@@ -40,7 +40,7 @@ from qlora_kit.formats import IGNORE
 from qlora_kit.fused import checkpoint_contexts
 from qlora_kit.lora import add_lora, lora_dtype_for, select_targets
 from qlora_kit.loss import token_loss_sum
-from qlora_kit.metrics import available_memory_bytes, human_bytes, peak_memory_bytes
+from qlora_kit.memory import available_memory_bytes, human_bytes, peak_memory_bytes
 from qlora_kit.model import LoadedModel, linear_shapes, load_quantized, load_tokenizer, quantizable_linears
 from qlora_kit.model_paths import resolve_model_path
 from qlora_kit.offload import OffloadedLayers, decoder_layers

@@ -126,7 +126,7 @@ def train_set_loss(model, examples, pad_id: int, micro_batch: int, device: torch
 def run_qlora_kit(s: dict) -> dict:
     import qlora_kit.train as qtrain
     from qlora_kit.config import load_recipe
-    from qlora_kit.metrics import peak_memory_bytes
+    from qlora_kit.memory import peak_memory_bytes
     from qlora_kit.model import load_tokenizer
 
     overrides = [f"model.path={s['model_dir']}", f"data.path={s['data']}", "data.format=prompt_completion",
@@ -175,7 +175,7 @@ def run_standard(s: dict) -> dict:
         TrainingArguments,
     )
 
-    from qlora_kit.metrics import peak_memory_bytes
+    from qlora_kit.memory import peak_memory_bytes
 
     cuda = s["device"] == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32

@@ -22,7 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 PROBE = """
 import json, sys, torch
 import qlora_kit.merge as m
-from qlora_kit.metrics import peak_memory_bytes
+from qlora_kit.memory import peak_memory_bytes
 base = peak_memory_bytes(torch.device("cpu"))
 if sys.argv[1] == "merge":
     m.merge(sys.argv[2], sys.argv[3], dtype="float16", overwrite=True, max_shard_bytes=int(sys.argv[4]),

@@ -1,4 +1,4 @@
-"""Training metrics: one JSON object per logged optimizer step in `metrics.jsonl`, and peak memory."""
+"""Memory: the peak a process reached, what is still free, and sizes in bytes as people read them."""
 
 from __future__ import annotations
 
