@@ -52,6 +52,10 @@ def _estimate(args: argparse.Namespace) -> None:
     budget = parse_bytes(args.gpu_memory) if args.gpu_memory else local_gpu_memory()
     est = estimate(recipe, shape, args.device, args.fsdp, args.fsdp_offload)
     print(format_estimate(recipe, shape, est, budget))
+    if args.trace:
+        from qlora_kit.trace import format_trace, trace_step
+
+        print(format_trace(trace_step(recipe, shape.config), est, args.fsdp))
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -167,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--model-config", metavar="PATH", help="the model's config.json (or its directory)")
     est.add_argument("--fsdp", type=_positive_int, default=1, metavar="N", help="FSDP processes sharding the model")
     est.add_argument("--fsdp-offload", action="store_true", help="FSDP keeps the shards in CPU memory")
+    est.add_argument("--trace", action="store_true",
+                     help="also run one real training step at this shape on the meta device and count its bytes")
     est.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                      help="cuda: bf16 compute, CUDA context; cpu: fp32 compute, process memory")
     est.set_defaults(func=_estimate)

@@ -1,7 +1,7 @@
 """Peak training memory, predicted from the model's shape and the recipe, without loading a weight.
 
     total = 4-bit weights + unquantized embeddings/head/norms + LoRA weights + their gradients + optimizer states
-          + activations (checkpointed layer inputs, one layer's working set) + logits and loss buffers
+          + activations (checkpointed layer inputs, and the larger of one layer's backward and the loss's buffers)
           + runtime (CUDA context and allocator slack on a GPU; the Python process itself on the CPU)
 
 Sizes follow what `train` builds: 4-bit codes plus their scales (4.127 bits per weight with double quantization,
@@ -53,6 +53,7 @@ class Shape:
     max_position_embeddings: int
     linears: dict[str, tuple[int, int]]  # full name -> (d_in, d_out) of each quantized linear
     dense_params: int  # embeddings, head (unless tied), norms, biases: kept in the compute dtype
+    config: dict = field(default_factory=dict, repr=False)  # the config.json fields it came from
 
     @property
     def quantized_params(self) -> int:
@@ -80,7 +81,7 @@ def shape_from_config(config: dict, name: str) -> Shape:
                      num_kv_heads=c.get("num_key_value_heads") or heads,
                      head_dim=c.get("head_dim") or c["hidden_size"] // heads,
                      max_position_embeddings=c.get("max_position_embeddings", 4096), linears=linears,
-                     dense_params=dense)
+                     dense_params=dense, config=config)
     except (KeyError, ValueError) as e:
         raise UserError(f"{name}: config.json cannot be built as a decoder-only LLM ({e}); the estimate needs one"
                         ) from None
@@ -135,19 +136,23 @@ def estimate(recipe: Recipe, shape: Shape, device: str = "cuda", shards: int = 1
     lora_params = lora_parameter_count(shape, lora.r, lora.target_modules)
     state_bytes = {"paged_adamw_32bit": 8, "paged_adamw_8bit": 2, "adamw": 2 * lora_bytes}[recipe.optim.name]
     tokens = t.micro_batch_size * t.seq_len
-    layer = per_token_layer_bytes(shape, cb, lora.dropout > 0)
+    # The layer being backpropagated: what its recompute saved, the gradients flowing through it, and (GPU code
+    # path) its largest weight dequantized for the input gradient.
+    layer = tokens * per_token_layer_bytes(shape, cb, lora.dropout > 0)
+    layer += max(d_in * d_out for d_in, d_out in shape.linears.values()) * cb if device == "cuda" else 0
     h = shape.hidden_size
+    # head output and gradient in the compute dtype, + 12 bytes an entry in fp32 (the loss's copy and its
+    # temporaries): alive while the loss is backpropagated, before any layer is.
+    logits = logit_tokens(tokens, shape.vocab_size) * shape.vocab_size * (2 * cb + 12)
     parts = {
         "4-bit weights": int(shape.quantized_params * quant_bits / 8) // shards,
         "embeddings, head, norms": shape.dense_params * cb // shards,
         "LoRA weights": lora_params * lora_bytes // shards,
         "LoRA gradients": lora_params * lora_bytes // shards,
         "optimizer states": lora_params * state_bytes // shards,
-        "activations": (shape.num_layers * tokens * h * cb + tokens * layer) if t.gradient_checkpointing
-        else shape.num_layers * tokens * (layer + h * cb),
-        # head output and gradient in the compute dtype, + 12 bytes an entry in fp32 (the loss's copy and its
-        # temporaries; docs/performance.md has the check against measured peaks)
-        "logits and loss": logit_tokens(tokens, shape.vocab_size) * shape.vocab_size * (2 * cb + 12),
+        # checkpointed: every layer's input, and the one layer in its backward, or the loss's buffers before it
+        "activations": (shape.num_layers * tokens * h * cb + max(layer, logits)) if t.gradient_checkpointing
+        else shape.num_layers * (tokens * h * cb + layer) + logits,
     }
     if device == "cpu" and t.gradient_checkpointing:  # fused.py: the recompute keeps its layer dequantized
         parts["dequantized layer"] = shape.quantized_params // shape.num_layers * cb
@@ -183,20 +188,21 @@ def logit_tokens(label_tokens: int, vocab_size: int) -> int:
 
 
 def per_token_layer_bytes(shape: Shape, cb: int, dropout: bool) -> int:
-    """Bytes one token keeps alive in the decoder layer being recomputed and backpropagated.
+    """Bytes one token keeps alive in the decoder layer being recomputed and backpropagated (as the memory trace,
+    `qlora-kit estimate --trace`, finds them).
 
-    Saved by autograd: the two RMSNorms (fp32 input and normalised copy, and their output), the q/k/v
-    projections and their rotary outputs, SDPA's output and its contiguous copy, the MLP's gate, up, SiLU and
-    product; with dropout, each LoRA function's dropped-out input and its mask (one byte an entry; the CPU's
-    dropped indices take less). Plus the gradients flowing through the layer.
+    Saved by the recompute: the two norms' fp32 copies of their input; the rotary q and k, v, the attention
+    output; the MLP's gate, up and SiLU outputs; with dropout, each LoRA input's dropped-out copy and its mask
+    (one byte an entry; the CPU's dropped indices take less), without it the norms' outputs and the MLP product
+    the LoRA functions keep. Plus the gradients flowing through the layer (its input's and the widest input's).
     """
     h, i = shape.hidden_size, shape.intermediate_size
     q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
-    norms = 2 * (8 + cb) * h
-    saved = cb * (2 * q + 2 * kv + kv + 2 * q + 4 * i + h)
-    dropped = (cb + 1) * (3 * h + q + 2 * h + i) if dropout else 0
-    grads = cb * (2 * h + 2 * i)
-    return norms + saved + dropped + grads
+    norms = 2 * 4 * h
+    saved = cb * (2 * q + 2 * kv + 3 * i)
+    inputs = (cb + 1) * (5 * h + q + i) if dropout else cb * (2 * h + i)
+    grads = cb * (h + i)
+    return norms + saved + inputs + grads
 
 
 def lora_parameter_count(shape: Shape, r: int, target_modules: str | list[str]) -> int:

@@ -27,7 +27,7 @@ def available_memory_bytes(device: torch.device) -> int | None:
     """Memory a new allocation can still get: free GPU memory, or MemAvailable on Linux; None if unknown."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    return _proc_kib("/proc/meminfo", "MemAvailable:")
+    return _proc_kib("/proc/meminfo", "MemAvailable:") if device.type == "cpu" else None
 
 
 def _proc_kib(path: str, field: str) -> int | None:

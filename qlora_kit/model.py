@@ -87,9 +87,12 @@ def load_quantized(path: Path, quant: QuantConfig, device: torch.device, trust_r
     packed shape (FSDP's other processes, which receive the weights from the main one)."""
     dtype = compute_dtype_for(quant.compute_dtype, device)
     model = meta_model(path, dtype, trust_remote_code)
-    if not read_weights:
+    if not read_weights:  # on the meta device (the memory trace) the shells get meta quantization states too
         for name in quantizable_linears(model):
-            _swap_in_4bit(model, name, None, quant, dtype, torch.device("meta"))
+            linear = model.get_submodule(name)
+            weight = (torch.empty(linear.out_features, linear.in_features, dtype=quantize_from or dtype,
+                                  device="meta") if device.type == "meta" else None)
+            _swap_in_4bit(model, name, weight, quant, dtype, torch.device("meta"))
     else:
         with streaming_allocations():
             _fill_weights(model, path, quant, dtype, device, keep_4bit_on_host, quantize_from or dtype)
@@ -97,7 +100,8 @@ def load_quantized(path: Path, quant: QuantConfig, device: torch.device, trust_r
     use_segment_attention(model)
     model.requires_grad_(False)
     model.eval()
-    return LoadedModel(model, tokenizer or load_tokenizer(path, trust_remote_code), path, dtype)
+    return LoadedModel(model, tokenizer if tokenizer is not None else load_tokenizer(path, trust_remote_code), path,
+                       dtype)
 
 
 def _fill_weights(model: PreTrainedModel, path: Path, quant: QuantConfig, dtype: torch.dtype,

@@ -40,16 +40,24 @@ def quantized_linear(linear: nn.Linear, weight: torch.Tensor | None, quant: Quan
     q = Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=dtype,
                    compress_statistics=quant.double_quant, quant_type=quant.quant_type, quant_storage=storage,
                    device="meta")
-    shell = weight is None
-    if shell:  # two 4-bit codes a byte, in storage-dtype elements: the shape bitsandbytes gives a real one
+    state = None
+    if weight is None:  # two 4-bit codes a byte, in storage-dtype elements: the shape bitsandbytes gives a real one
         weight = torch.empty((linear.in_features * linear.out_features + 1) // 2 // storage.itemsize, 1,
                              dtype=storage, device="meta")
+    elif weight.is_meta:  # the memory trace: `Params4bit.to` never quantizes on the meta device, this does
+        # bitsandbytes caches its 8-bit code table on the device of the first tensor it quantizes: made on the
+        # meta device, every later real quantization in the process would fail. It goes to the CPU first.
+        bnb.functional.name2qmap.setdefault("dynamic", bnb.functional.create_dynamic_map())
+        weight, state = bnb.functional.quantize_4bit(weight, blocksize=quant.blocksize, quant_type=quant.quant_type,
+                                                     compress_statistics=quant.double_quant, quant_storage=storage)
     # module=q: quantizing also sets `q.quant_state`, where bitsandbytes finds the state again when FSDP hands the
     # layer a plain view of its weight. `.to` quantizes, on the device.
-    q.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=quant.double_quant,
+    packed = weight.is_meta
+    q.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_state=state, compress_statistics=quant.double_quant,
                                  quant_type=quant.quant_type, blocksize=quant.blocksize, quant_storage=storage,
-                                 module=q, bnb_quantized=shell)
-    if not shell:
+                                 module=q, bnb_quantized=packed)
+    q.quant_state = state
+    if not packed:
         q.weight = q.weight.to(device)
     keep_layout(q)
     return q
@@ -175,6 +183,8 @@ def state_to(state: QuantState, device: torch.device | str) -> QuantState:
 def to_host(data: torch.Tensor, state: QuantState, pin: bool) -> tuple[torch.Tensor, QuantState]:
     """Host copies of a 4-bit weight and its state; pinned when they will be copied to a GPU."""
     def host(t: torch.Tensor) -> torch.Tensor:
+        if t.is_meta:  # the memory trace: host copies of meta tensors are meta tensors, counted as host memory
+            return t
         t = t.to("cpu")
         return t.pin_memory() if pin else t
 

@@ -50,6 +50,7 @@ class OffloadedLayers:
         self.installed: int | None = None
         self.prefetched: dict[int, tuple[Copies, torch.cuda.Event | None]] = {}
         self.copies: list[tuple[int, StorageWeakRef]] = []  # every device copy made, to count what is alive
+        self.max_resident = 0  # most layers on the device at once, seen when a layer starts
         for i, layer in enumerate(layers):
             blocks = [b for b in layer.children() if any(nf4.is_4bit(m) for m in b.modules())]
             linears = [m for b in blocks for m in b.modules() if nf4.is_4bit(m)]
@@ -84,6 +85,7 @@ class OffloadedLayers:
         following = self._next(i)
         if following not in (None, i) and following not in self.prefetched:
             self._prefetch(following)
+        self.max_resident = max(self.max_resident, len(self.resident()))
 
     def _finish(self, i: int) -> None:
         self.blocks_left[i] -= 1

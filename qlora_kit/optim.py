@@ -19,10 +19,15 @@ _OPTIMIZERS = {
 }
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig, lr: float) -> torch.optim.Optimizer:
+# The same states, allocated as ordinary tensors: paging needs CUDA's unified memory, which the memory trace's
+# meta device does not have.
+_UNPAGED = {"paged_adamw_32bit": bnb.optim.AdamW32bit, "paged_adamw_8bit": bnb.optim.AdamW8bit}
+
+
+def build_optimizer(model: nn.Module, optim: OptimConfig, lr: float, paged: bool = True) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    return _OPTIMIZERS[optim.name](params, lr=lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
-                                   weight_decay=optim.weight_decay)
+    cls = _OPTIMIZERS[optim.name] if paged else _UNPAGED.get(optim.name, _OPTIMIZERS[optim.name])
+    return cls(params, lr=lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, weight_decay=optim.weight_decay)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int):
