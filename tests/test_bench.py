@@ -51,3 +51,16 @@ def test_generation_bench_runs(tmp_path):
     assert report["default_tokens_per_s"] > 0 and "cpu" in report["hardware"]
     # The bf16 kernel is measured only where the CPU has it.
     assert ("bf16_kernel_tokens_per_s" in report) == report["hardware"]["avx512_bf16"]
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_its_checks_on_the_cpu(tmp_path):
+    """The GPU day's script, on its --quick path here (tiny model, CPU): every check runs and passes."""
+    out = tmp_path / "gpu_check.json"
+    env = {**os.environ, "QLORA_KIT_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, str(BENCH.with_name("gpu_check.py")), "--quick", "--out", str(out)], check=True,
+                   env=env, timeout=300)
+    report = json.loads(out.read_text())
+    assert report["fused_lora"]["passed"] and report["offload"]["passed"]
+    assert report["step"]["tokens_per_s"] > 0 and report["memory"]["traced_bytes"] > 0
+    assert report["versions"]["bitsandbytes"]
