@@ -70,6 +70,18 @@ def _merge(args: argparse.Namespace) -> None:
           f"{args.out}/merge_report.json", file=sys.stderr)
 
 
+def _export(args: argparse.Namespace) -> None:
+    from qlora_kit.gguf_export import export_gguf
+
+    report = export_gguf(Path(args.source), Path(args.gguf), args.type, model_path=args.model, base=args.base,
+                         overwrite=args.overwrite, check=not args.no_check)
+    logits = report.checks.get("logits_transformers")
+    ppl = (f"; perplexity {logits['perplexity_reference']:.3f} -> {logits['perplexity_gguf']:.3f} on "
+           f"{logits['tokens']} sample tokens" if logits else "")
+    print(f"wrote {args.gguf} ({report.type}, {report.bytes / 2**20:.1f} MiB) in {report.seconds:.1f} s{ppl}; "
+          f"report: {args.gguf}.report.json", file=sys.stderr)
+
+
 def _generate(args: argparse.Namespace) -> None:
 
     from qlora_kit.inference import generate, load_for_inference
@@ -189,6 +201,19 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     merge.add_argument("--no-check", action="store_true", help="skip the parity check")
     merge.set_defaults(func=_merge)
+
+    export = commands.add_parser("export", parents=[debug],
+                                 help="write an adapter (merged on the way) or a model as one GGUF file for llama.cpp")
+    export.add_argument("source", help="adapter directory (merged into its base first) or model directory")
+    export.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write")
+    export.add_argument("--type", default="q8_0", choices=["f16", "bf16", "q8_0", "q4_0"],
+                        help="tensor type of the matrices (norms stay float32)")
+    export.add_argument("--base", default="dequantized", choices=["dequantized", "original"],
+                        help="as for merge: what an adapter is merged into")
+    export.add_argument("--model", help="an adapter's base model (default: the one it was trained on)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    export.add_argument("--no-check", action="store_true", help="skip the read-back, tokenizer and logit checks")
+    export.set_defaults(func=_export)
 
     gen = commands.add_parser("generate", parents=[model],
                               help="generate text with a model or adapter (chat template applied)")

@@ -18,6 +18,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,14 +164,11 @@ def _write_weights(inputs: MergeInputs, out: Path, out_dtype: torch.dtype, base:
         weight_map.update(dict.fromkeys(shard, name))
         shard, shard_bytes = {}, 0
 
-    for file in checkpoint_files(inputs.base_path):
-        with safe_open(inputs.base_path / file, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                tensor = _merged_tensor(inputs, name, f.get_tensor(name), out_dtype, base, report, check)
-                if shard and shard_bytes + tensor.nbytes > max_shard_bytes:
-                    flush()
-                shard[name] = tensor
-                shard_bytes += tensor.nbytes
+    for name, tensor in merged_tensors(inputs, out_dtype, base, report, check):
+        if shard and shard_bytes + tensor.nbytes > max_shard_bytes:
+            flush()
+        shard[name] = tensor
+        shard_bytes += tensor.nbytes
     if shard:
         flush()
     if n_shards == 1:
@@ -182,6 +180,17 @@ def _write_weights(inputs: MergeInputs, out: Path, out_dtype: torch.dtype, base:
         weight_map = {k: v.replace(".safetensors", f"-of-{n_shards:05d}.safetensors") for k, v in weight_map.items()}
         index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def merged_tensors(inputs: MergeInputs, out_dtype: torch.dtype, base: str = "dequantized",
+                   report: MergeReport | None = None, check: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the merged model, in checkpoint order, one at a time: input shards are memory-mapped
+    and nothing is kept, so a consumer that writes each tensor out holds one of them at a time."""
+    report = report if report is not None else MergeReport(dtype=str(out_dtype), base=base)
+    for file in checkpoint_files(inputs.base_path):
+        with safe_open(inputs.base_path / file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, _merged_tensor(inputs, name, f.get_tensor(name), out_dtype, base, report, check)
 
 
 def _merged_tensor(inputs: MergeInputs, name: str, tensor: torch.Tensor, out_dtype: torch.dtype, base: str,
@@ -204,13 +213,13 @@ def _merged_tensor(inputs: MergeInputs, name: str, tensor: torch.Tensor, out_dty
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
-    if dtype == torch.float16 and not _within_fp16(tensor):
+    if dtype == torch.float16 and not within_fp16(tensor):
         raise UserError(f"'{name}' has values beyond float16's range (|w| > 65504, inf or nan); "
                         "export with --dtype bfloat16 instead")
     return tensor.to(dtype).contiguous()
 
 
-def _within_fp16(tensor: torch.Tensor) -> bool:
+def within_fp16(tensor: torch.Tensor) -> bool:
     """|w| <= 65504 and no inf or nan, without a tensor-sized temporary (NaN fails both comparisons)."""
     low, high = torch.aminmax(tensor)
     return bool(low >= -FP16_MAX) and bool(high <= FP16_MAX)

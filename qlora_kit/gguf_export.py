@@ -1,0 +1,372 @@
+"""Export an adapter (merged on the fly) or a model directory to one GGUF file for llama.cpp, Ollama, LM Studio.
+
+Streaming, in two passes over the checkpoint. The first reads only safetensors headers and the config: every
+output tensor's GGUF name, shape and type, so the GGUF header (which lists them all, with offsets) is written
+first. The second merges one tensor at a time (`merge.merged_tensors`: the same arithmetic as `qlora-kit
+merge`, into the dequantized 4-bit base by default), converts it and appends it. Peak host memory is one input
+shard's pages plus one tensor in float32 and its GGUF bytes, whatever the model size.
+
+Tensor types follow llama.cpp's converter: 1-D tensors (norms, biases) stay float32; matrices get the chosen
+type, or f16 where a row is not a whole number of 32-value blocks. q4_0 keeps the output projection (and tied
+embeddings, which are the output projection too) in q8_0: the logits are where 4 bits hurt most, and
+llama.cpp's own quantizer spares that tensor as well. Quantized types are computed from the float32 merged
+weight, so the export rounds once.
+
+The file is written under a hidden temporary name, checked (`gguf_check`), and renamed into place with its
+report: a file at OUT is complete and checked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from qlora_kit.errors import Failed, UserError
+from qlora_kit.gguf_check import check_export, written_digest
+from qlora_kit.files import check_free_space, exclusive, remove_leftovers
+from qlora_kit.memory import peak_memory_bytes
+from qlora_kit.merge import MergeReport, merged_tensors, read_merge_inputs, within_fp16
+from qlora_kit.model import checkpoint_files, load_config, load_tokenizer
+
+TYPES = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
+         "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
+FILE_TYPES = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
+F32, F16 = gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16
+
+
+@dataclass(frozen=True)
+class Arch:
+    gguf_arch: gguf.MODEL_ARCH
+    # llama.cpp's LLAMA graph rotates interleaved pairs of q/k dimensions; HF checkpoints store the two halves
+    # apart, so q and k rows are permuted on the way (and back by every GGUF reader).
+    permute_qk: bool
+
+
+ARCHS = {"llama": Arch(gguf.MODEL_ARCH.LLAMA, True), "mistral": Arch(gguf.MODEL_ARCH.LLAMA, True),
+         "qwen2": Arch(gguf.MODEL_ARCH.QWEN2, False), "phi3": Arch(gguf.MODEL_ARCH.PHI3, False)}
+ROWS_PER_CHUNK_BYTES = 64 * 2**20  # quantize this much float32 at a time: numpy's temporaries stay small
+
+
+@dataclass
+class Planned:
+    source: str | None  # checkpoint tensor name; None for tensors made from the config (rope factors)
+    name: str
+    shape: tuple[int, ...]
+    qtype: gguf.GGMLQuantizationType
+    permute_heads: int = 0
+    data: torch.Tensor | None = None  # the tensors made from the config
+
+    @property
+    def nbytes(self) -> int:
+        block, size = gguf.GGML_QUANT_SIZES[self.qtype]
+        return math.prod(self.shape[:-1]) * self.shape[-1] // block * size
+
+
+@dataclass
+class ExportReport:
+    type: str
+    source: str
+    tensors: dict[str, float] = field(default_factory=dict)  # max |gguf - merged| / max |merged| per tensor
+    merge_layers: dict[str, float] = field(default_factory=dict)
+    checks: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    peak_mem_bytes: int = 0
+    bytes: int = 0
+    passed: bool = True
+    failures: list[str] = field(default_factory=list)
+
+
+def export_gguf(source: Path, out: Path, qtype: str = "q8_0", model_path: str | None = None,
+                base: str = "dequantized", overwrite: bool = False, check: bool = True) -> ExportReport:
+    """Write `source` (an adapter directory, merged first, or a model directory) to the GGUF file `out`."""
+    from qlora_kit.inference import is_adapter_dir
+
+    start = time.perf_counter()
+    source, out = Path(source), Path(out)
+    if qtype not in TYPES:
+        raise UserError(f"--type: {qtype!r} is not one of {', '.join(TYPES)}")
+    if out.suffix != ".gguf":
+        raise UserError(f"--gguf: {out} should end in .gguf")
+    if out.exists() and not overwrite:
+        raise UserError(f"--gguf: {out} already exists; pass --overwrite to replace it")
+    if is_adapter_dir(source):
+        inputs = read_merge_inputs(source, model_path)
+        model_dir = inputs.base_path
+        _refuse_inside(out, [inputs.base_path, inputs.adapter_dir])
+    elif (source / "config.json").is_file():
+        inputs, model_dir = None, source
+    else:
+        raise UserError(f"{source}: neither an adapter directory (adapter_config.json) nor a model directory "
+                        "(config.json)")
+    config = load_config(model_dir)
+    arch = ARCHS.get(config.model_type)
+    if arch is None:
+        raise UserError(f"{model_dir}: GGUF export supports {', '.join(sorted(ARCHS))} models, not "
+                        f"{config.model_type!r}")
+    tokenizer = load_tokenizer(model_dir)
+    plan = plan_tensors(model_dir, config, arch, qtype)
+    report = ExportReport(type=qtype, source=str(source))
+    report.bytes = sum(p.nbytes for p in plan)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(out, "--gguf"):
+        remove_leftovers(out)
+        check_free_space(out.parent, int(report.bytes * 1.05) + 2**20, "the GGUF export")
+        fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.tmp-", suffix=".gguf")
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
+            _add_metadata(writer, config, model_dir, source, qtype)
+            from qlora_kit.gguf_vocab import add_tokenizer
+
+            add_tokenizer(writer, tokenizer, model_dir, config.vocab_size)
+            for p in plan:
+                writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            # Merged in float32 and rounded once, by the conversion, which also measures what that rounding cost.
+            if inputs is not None:
+                merge_report = MergeReport(dtype="float32", base=base)
+                tensors = merged_tensors(inputs, torch.float32, base, merge_report, check)
+            else:
+                merge_report, tensors = None, _model_tensors(model_dir)
+            digests = {}
+            for p, data in _aligned(plan, tensors):
+                data = _prepare(p, data)
+                written = _convert(data, p.qtype, p.name)
+                report.tensors[p.name] = _rounding_error(data, written, p.qtype)
+                digests[p.name] = written_digest(written)
+                writer.write_tensor_data(written)
+                del data, written
+            writer.close()
+            if merge_report is not None:
+                report.merge_layers = merge_report.layers
+                if not merge_report.passed:
+                    report.passed = False
+                    report.failures += merge_report.failures
+            if check:
+                check_export(tmp, plan, digests, report, source, inputs, model_dir, tokenizer)
+            report.seconds = time.perf_counter() - start
+            report.peak_mem_bytes = peak_memory_bytes(torch.device("cpu"))
+            report_path = out.with_name(out.name + ".report.json")
+            if not report.passed:
+                rejected = out.with_name(out.name + ".rejected")
+                tmp.rename(rejected)
+                rejected.with_name(rejected.name + ".report.json").write_text(json.dumps(report.__dict__, indent=2))
+                raise Failed(f"GGUF parity check failed ({'; '.join(report.failures[:3])}); the rejected file and "
+                             f"its report are {rejected} and {rejected}.report.json")
+            _publish(tmp, out, json.dumps(report.__dict__, indent=2) + "\n", report_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return report
+
+
+def plan_tensors(model_dir: Path, config, arch: Arch, qtype: str) -> list[Planned]:
+    """Every output tensor, in the order the second pass produces them (headers only: no weights are read)."""
+    tensor_map = gguf.get_tensor_name_map(arch.gguf_arch, config.num_hidden_layers)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    plan = []
+    for file in checkpoint_files(model_dir):
+        with safe_open(model_dir / file, framework="pt", device="cpu") as f:
+            for source in f.keys():
+                shape = tuple(f.get_slice(source).get_shape())
+                if source.endswith("rotary_emb.inv_freq") or (tied and source == "lm_head.weight"):
+                    plan.append(Planned(source, "", shape, F32))  # read and dropped: kept for pass alignment
+                    continue
+                name = tensor_map.get_name(source, try_suffixes=(".weight", ".bias"))
+                if name is None:
+                    raise UserError(f"{model_dir}/{file}: tensor {source!r} has no GGUF name for "
+                                    f"{config.model_type}; this checkpoint holds more than the architecture")
+                permute = 0
+                if arch.permute_qk and source.endswith(("q_proj.weight", "q_proj.bias")):
+                    permute = heads
+                elif arch.permute_qk and source.endswith(("k_proj.weight", "k_proj.bias")):
+                    permute = kv_heads
+                plan.append(Planned(source, name, shape, _tensor_type(name, shape, qtype, tied), permute))
+    for name, data in _rope_tensors(config, arch):
+        plan.append(Planned(None, name, tuple(data.shape), F32, data=data))
+    return plan
+
+
+def _tensor_type(name: str, shape: tuple[int, ...], qtype: str, tied: bool) -> gguf.GGMLQuantizationType:
+    if len(shape) < 2:
+        return F32
+    wanted = TYPES[qtype]
+    is_output = name == "output.weight" or (tied and name == "token_embd.weight")
+    if qtype == "q4_0" and is_output:
+        wanted = gguf.GGMLQuantizationType.Q8_0
+    block, _ = gguf.GGML_QUANT_SIZES[wanted]
+    return wanted if shape[-1] % block == 0 else F16
+
+
+def _aligned(plan: list[Planned], tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[Planned, torch.Tensor]]:
+    """Pair each planned tensor with its data; the checkpoint's own tensors come in plan order."""
+    stream = iter(tensors)
+    for p in plan:
+        if p.source is None:
+            yield p, p.data
+            continue
+        source, data = next(stream)
+        if source != p.source:
+            raise RuntimeError(f"GGUF export: expected {p.source}, got {source}")
+        if p.name:
+            yield p, data
+
+
+def _model_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in checkpoint_files(model_dir):
+        with safe_open(model_dir / file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def _prepare(p: Planned, data: torch.Tensor) -> torch.Tensor:
+    if p.qtype == F32:
+        data = data.float()
+    if p.permute_heads:
+        n = p.permute_heads
+        data = data.reshape(n, 2, data.shape[0] // n // 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
+    return data.contiguous()
+
+
+def _convert(data: torch.Tensor, qtype: gguf.GGMLQuantizationType, name: str) -> np.ndarray:
+    """The tensor's GGUF bytes (as a typed array for f32/f16, raw uint8 blocks otherwise), in row chunks."""
+    if qtype == F32:
+        return data.float().numpy()
+    if qtype == F16:
+        if not within_fp16(data):
+            raise UserError(f"'{name}' has values beyond float16's range (|w| > 65504, inf or nan); export with "
+                            "--type bf16 instead")
+        return data.half().numpy()
+    if qtype == gguf.GGMLQuantizationType.BF16:
+        return data.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8).reshape(*data.shape[:-1], -1)
+    rows = data.reshape(-1, data.shape[-1])
+    step = max(1, ROWS_PER_CHUNK_BYTES // (rows.shape[1] * 4))
+    parts = [gguf.quants.quantize(rows[i:i + step].float().numpy(), qtype) for i in range(0, rows.shape[0], step)]
+    return np.concatenate(parts).reshape(*data.shape[:-1], -1)
+
+
+def _rounding_error(data: torch.Tensor, written: np.ndarray, qtype: gguf.GGMLQuantizationType) -> float:
+    """What the GGUF type costs this tensor: max |dequantized - input| / max |input| (0 for exact types)."""
+    if qtype == F32:
+        return 0.0
+    if qtype == gguf.GGMLQuantizationType.BF16:
+        back = torch.from_numpy(written.view(np.int16).copy()).view(torch.bfloat16).float().reshape(data.shape)
+    else:
+        back = torch.from_numpy(gguf.quants.dequantize(written, qtype)).reshape(data.shape)
+    reference = data.float()
+    return ((back - reference).abs().max() / reference.abs().max().clamp_min(1e-30)).item()
+
+
+def _rope_tensors(config, arch: Arch) -> list[tuple[str, torch.Tensor]]:
+    """Rope scaling that llama.cpp reads as tensors: Llama 3's per-frequency factors, Phi-3's long/short ones."""
+    rope = _rope_parameters(config)
+    kind = rope.get("rope_type", "default")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if kind == "llama3":
+        base = rope["rope_theta"]
+        freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        factor, old = rope.get("factor", 8.0), rope.get("original_max_position_embeddings", 8192)
+        low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+        wavelen = 2 * math.pi / freqs
+        smooth = (old / wavelen - low) / (high - low)
+        factors = torch.where(wavelen < old / high, torch.ones_like(freqs),
+                              torch.where(wavelen > old / low, torch.full_like(freqs, factor),
+                                          1 / ((1 - smooth) / factor + smooth)))
+        return [(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors)]
+    if kind == "longrope" and arch.gguf_arch == gguf.MODEL_ARCH.PHI3:
+        return [(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_LONG] + ".weight",
+                 torch.tensor(rope["long_factor"], dtype=torch.float32)),
+                (gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT] + ".weight",
+                 torch.tensor(rope["short_factor"], dtype=torch.float32))]
+    return []
+
+
+def _rope_parameters(config) -> dict:
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    rope.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    return rope
+
+
+def _add_metadata(writer: gguf.GGUFWriter, config, model_dir: Path, source: Path, qtype: str) -> None:
+    """What llama.cpp reads to build the model graph: sizes, norms, rope (with its scaling) and the file type."""
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(source.resolve().parent.name if source.name == "adapter" else source.resolve().name)
+    writer.add_file_type(FILE_TYPES[qtype])
+    if qtype in ("q8_0", "q4_0"):
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    rope = _rope_parameters(config)
+    rotary = int(head_dim * rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)))
+    writer.add_rope_dimension_count(rotary)
+    writer.add_rope_freq_base(rope["rope_theta"])
+    if head_dim != config.hidden_size // config.num_attention_heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    kind = rope.get("rope_type", "default")
+    if kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope["factor"])
+    elif kind == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(rope["factor"])
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    elif kind == "longrope" and config.model_type == "phi3":
+        original = rope.get("original_max_position_embeddings", getattr(config, "original_max_position_embeddings"))
+        scale = config.max_position_embeddings / original
+        writer.add_rope_scaling_orig_ctx_len(original)
+        writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
+    elif kind not in ("default", "llama3"):
+        raise UserError(f"{model_dir}/config.json: rope_type {kind!r} is not supported by GGUF export")
+    if config.model_type == "phi3":
+        if kind != "longrope" and getattr(config, "original_max_position_embeddings", None):
+            writer.add_rope_scaling_orig_ctx_len(config.original_max_position_embeddings)
+        writer.add_sliding_window(getattr(config, "sliding_window", None) or 0)
+
+
+def _refuse_inside(out: Path, sources: list[Path]) -> None:
+    for path in sources:
+        if path.resolve() in out.resolve().parents:
+            raise UserError(f"--gguf: {out} lies inside {path}; choose another place")
+
+
+def _publish(tmp: Path, out: Path, report_text: str, report_path: Path) -> None:
+    """Report first, then the file: an OUT that exists is complete and its report is beside it."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    staged = report_path.with_name(f".{report_path.name}.tmp")
+    staged.write_text(report_text)
+    staged.rename(report_path)
+    tmp.chmod(0o644 & ~_umask())
+    tmp.rename(out)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
