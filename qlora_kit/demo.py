@@ -79,7 +79,8 @@ def _gguf_step(adapter_dir: Path, path: Path, tokenizer, held_out) -> dict:
     logits = export.checks.get("logits_transformers", {})
     _say(f"GGUF export (q8_0, {export.bytes / 2**20:.0f} MiB, {export.seconds:.0f} s): {path}")
     report = {"type": "q8_0", "bytes": export.bytes, "seconds": export.seconds,
-              "perplexity_reference": logits.get("perplexity_reference"), "perplexity_gguf": logits.get("perplexity_gguf")}
+              "perplexity_reference": logits.get("perplexity_reference"),
+              "perplexity_gguf": logits.get("perplexity_gguf")}
     if not llama_cpp_available():
         _say(f"  llama.cpp scoring skipped: llama-cpp-python is not installed ({INSTALL_HINT})")
         report["llama_cpp"] = "not installed"

@@ -1,8 +1,9 @@
 """Check a freshly written GGUF file before it is published, by readers that share no code with the writer.
 
-1. Tensors and metadata: the `gguf` reader finds every planned tensor with its name, shape and type, holding the bytes that
-   were written; what each type's rounding cost (measured on the bytes, against the merged float32 tensor) is
-   within that type's bound; the sizes, epsilon and rope base transformers reads from the metadata are the model's.
+1. Tensors and metadata: the `gguf` reader finds every planned tensor with its name, shape and type, holding
+   the bytes that were written; what each type's rounding cost (measured on those bytes, against the merged
+   float32 tensor) is within that type's bound; the sizes, epsilon and rope base that transformers reads from
+   the metadata are the model's.
 2. Tokenizer: the tokenizer transformers builds from the GGUF's metadata gives the same ids as the model's own
    tokenizer on sample texts, chat template applied.
 3. Logits (models up to merge's size limit): the model transformers loads from the GGUF (its own dequantizers
@@ -54,15 +55,15 @@ def written_digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).view(np.uint8).data).hexdigest()
 
 
-def check_export(path: Path, plan: list, digests: dict[str, str], report, source: Path, inputs, model_dir: Path,
-                 tokenizer: PreTrainedTokenizerBase) -> None:
+def check_export(path: Path, plan: list, digests: dict[str, str], report, inputs, model_dir: Path,
+                 tokenizer: PreTrainedTokenizerBase, logit_check_max_bytes: int = LOGIT_CHECK_MAX_BYTES) -> None:
     """Fill `report.checks` and mark `report` failed where the file is not what was meant."""
     _check_tensors(path, plan, digests, report)
     _check_config(path, model_dir, report)
     texts = sample_texts(tokenizer)
     _check_tokenizer(path, tokenizer, texts, report)
-    if sum(p.nbytes for p in plan) <= LOGIT_CHECK_MAX_BYTES:
-        _check_logits(path, tokenizer, texts, report, source, inputs, model_dir)
+    if sum(p.nbytes for p in plan) <= logit_check_max_bytes:  # loads the whole model twice, by design
+        _check_logits(path, tokenizer, texts, report, inputs, model_dir)
     _check_llama_cpp(path, tokenizer, texts, report)
 
 
@@ -89,7 +90,8 @@ def _check_tensors(path: Path, plan: list, digests: dict[str, str], report) -> N
                           f"(bound {ROUNDING_BOUND[p.qtype]:.0e})")
     for name in found:
         _fail(report, f"{name}: in the file but not planned")
-    report.checks["tensors"] = {"count": len(reader.tensors), "worst_rounding": max(report.tensors.values(), default=0.0)}
+    report.checks["tensors"] = {"count": len(reader.tensors),
+                                "worst_rounding": max(report.tensors.values(), default=0.0)}
 
 
 CONFIG_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -100,7 +102,7 @@ def _check_config(path: Path, model_dir: Path, report) -> None:
     """The model's sizes, norm epsilon and rope base as transformers reads them from the GGUF's metadata."""
     ours, theirs = load_config(model_dir), AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     fields = {f: (getattr(ours, f, None), getattr(theirs, f, None)) for f in CONFIG_FIELDS}
-    fields["rope_theta"] = ((ours.rope_parameters or {}).get("rope_theta"), (theirs.rope_parameters or {}).get("rope_theta"))
+    fields["rope_theta"] = tuple((c.rope_parameters or {}).get("rope_theta") for c in (ours, theirs))
     wrong = {f: pair for f, pair in fields.items() if pair[0] is not None and pair[0] != pair[1]
              and not (isinstance(pair[0], float) and math.isclose(pair[0], pair[1] or 0.0, rel_tol=1e-6))}
     report.checks["config_transformers"] = {"fields": len(fields), "differ": {f: list(v) for f, v in wrong.items()}}
@@ -110,14 +112,14 @@ def _check_config(path: Path, model_dir: Path, report) -> None:
 
 def _check_tokenizer(path: Path, tokenizer: PreTrainedTokenizerBase, texts: list[str], report) -> None:
     from_gguf = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    same = sum(from_gguf(t, add_special_tokens=False)["input_ids"] == tokenizer(t, add_special_tokens=False)["input_ids"]
-               for t in texts)
+    same = sum(from_gguf(t, add_special_tokens=False)["input_ids"] ==
+               tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts)
     report.checks["tokenizer_transformers"] = {"texts": len(texts), "same_ids": same}
     if same != len(texts):
         _fail(report, f"the GGUF tokenizer (read by transformers) differs on {len(texts) - same}/{len(texts)} texts")
 
 
-def _check_logits(path: Path, tokenizer: PreTrainedTokenizerBase, texts: list[str], report, source: Path, inputs,
+def _check_logits(path: Path, tokenizer: PreTrainedTokenizerBase, texts: list[str], report, inputs,
                   model_dir: Path) -> None:
     from qlora_kit.inference import load_adapter_model
 

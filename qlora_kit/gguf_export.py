@@ -33,10 +33,18 @@ import torch
 from safetensors import safe_open
 
 from qlora_kit.errors import Failed, UserError
-from qlora_kit.gguf_check import check_export, written_digest
 from qlora_kit.files import check_free_space, exclusive, remove_leftovers
+from qlora_kit.gguf_check import check_export, written_digest
+from qlora_kit.gguf_vocab import add_tokenizer
 from qlora_kit.memory import peak_memory_bytes
-from qlora_kit.merge import MergeReport, merged_tensors, read_merge_inputs, within_fp16
+from qlora_kit.merge import (
+    LOGIT_CHECK_MAX_BYTES,
+    MergeInputs,
+    MergeReport,
+    merged_tensors,
+    read_merge_inputs,
+    within_fp16,
+)
 from qlora_kit.model import checkpoint_files, load_config, load_tokenizer
 
 TYPES = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
@@ -89,10 +97,11 @@ class ExportReport:
 
 
 def export_gguf(source: Path, out: Path, qtype: str = "q8_0", model_path: str | None = None,
-                base: str = "dequantized", overwrite: bool = False, check: bool = True) -> ExportReport:
-    """Write `source` (an adapter directory, merged first, or a model directory) to the GGUF file `out`."""
-    from qlora_kit.inference import is_adapter_dir
-
+                base: str = "dequantized", overwrite: bool = False, check: bool = True,
+                logit_check_max_bytes: int = LOGIT_CHECK_MAX_BYTES) -> ExportReport:
+    """Write `source` (an adapter directory, merged first, or a model directory) to the GGUF file `out`.
+    Everything that can be refused (arguments, architecture, tensors, tokenizer) is refused before a byte is
+    written."""
     start = time.perf_counter()
     source, out = Path(source), Path(out)
     if qtype not in TYPES:
@@ -101,15 +110,7 @@ def export_gguf(source: Path, out: Path, qtype: str = "q8_0", model_path: str | 
         raise UserError(f"--gguf: {out} should end in .gguf")
     if out.exists() and not overwrite:
         raise UserError(f"--gguf: {out} already exists; pass --overwrite to replace it")
-    if is_adapter_dir(source):
-        inputs = read_merge_inputs(source, model_path)
-        model_dir = inputs.base_path
-        _refuse_inside(out, [inputs.base_path, inputs.adapter_dir])
-    elif (source / "config.json").is_file():
-        inputs, model_dir = None, source
-    else:
-        raise UserError(f"{source}: neither an adapter directory (adapter_config.json) nor a model directory "
-                        "(config.json)")
+    inputs, model_dir = _read_source(source, out, model_path)
     config = load_config(model_dir)
     arch = ARCHS.get(config.model_type)
     if arch is None:
@@ -117,8 +118,10 @@ def export_gguf(source: Path, out: Path, qtype: str = "q8_0", model_path: str | 
                         f"{config.model_type!r}")
     tokenizer = load_tokenizer(model_dir)
     plan = plan_tensors(model_dir, config, arch, qtype)
-    report = ExportReport(type=qtype, source=str(source))
-    report.bytes = sum(p.nbytes for p in plan)
+    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
+    _add_metadata(writer, config, model_dir, source, qtype)
+    add_tokenizer(writer, tokenizer, model_dir, config.vocab_size)
+    report = ExportReport(type=qtype, source=str(source), bytes=sum(p.nbytes for p in plan))
     out.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(out, "--gguf"):
         remove_leftovers(out)
@@ -127,58 +130,75 @@ def export_gguf(source: Path, out: Path, qtype: str = "q8_0", model_path: str | 
         os.close(fd)
         tmp = Path(tmp_name)
         try:
-            writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
-            _add_metadata(writer, config, model_dir, source, qtype)
-            from qlora_kit.gguf_vocab import add_tokenizer
-
-            add_tokenizer(writer, tokenizer, model_dir, config.vocab_size)
-            for p in plan:
-                writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            # Merged in float32 and rounded once, by the conversion, which also measures what that rounding cost.
-            if inputs is not None:
-                merge_report = MergeReport(dtype="float32", base=base)
-                tensors = merged_tensors(inputs, torch.float32, base, merge_report, check)
-            else:
-                merge_report, tensors = None, _model_tensors(model_dir)
-            digests = {}
-            for p, data in _aligned(plan, tensors):
-                data = _prepare(p, data)
-                written = _convert(data, p.qtype, p.name)
-                report.tensors[p.name] = _rounding_error(data, written, p.qtype)
-                digests[p.name] = written_digest(written)
-                writer.write_tensor_data(written)
-                del data, written
-            writer.close()
-            if merge_report is not None:
-                report.merge_layers = merge_report.layers
-                if not merge_report.passed:
-                    report.passed = False
-                    report.failures += merge_report.failures
+            digests = _write(writer, tmp, plan, inputs, model_dir, base, check, report)
             if check:
-                check_export(tmp, plan, digests, report, source, inputs, model_dir, tokenizer)
+                check_export(tmp, plan, digests, report, inputs, model_dir, tokenizer, logit_check_max_bytes)
             report.seconds = time.perf_counter() - start
             report.peak_mem_bytes = peak_memory_bytes(torch.device("cpu"))
-            report_path = out.with_name(out.name + ".report.json")
+            text = json.dumps(report.__dict__, indent=2) + "\n"
             if not report.passed:
                 rejected = out.with_name(out.name + ".rejected")
                 tmp.rename(rejected)
-                rejected.with_name(rejected.name + ".report.json").write_text(json.dumps(report.__dict__, indent=2))
+                rejected.with_name(rejected.name + ".report.json").write_text(text)
                 raise Failed(f"GGUF parity check failed ({'; '.join(report.failures[:3])}); the rejected file and "
                              f"its report are {rejected} and {rejected}.report.json")
-            _publish(tmp, out, json.dumps(report.__dict__, indent=2) + "\n", report_path)
+            _publish(tmp, out, text, out.with_name(out.name + ".report.json"))
         finally:
             tmp.unlink(missing_ok=True)
     return report
+
+
+def _read_source(source: Path, out: Path, model_path: str | None) -> tuple[MergeInputs | None, Path]:
+    """The merge inputs (for an adapter) and the model directory whose config, tokenizer and shapes are used."""
+    from qlora_kit.inference import is_adapter_dir
+
+    if is_adapter_dir(source):
+        inputs = read_merge_inputs(source, model_path)
+        for path in (inputs.base_path, inputs.adapter_dir):
+            if path.resolve() in out.resolve().parents:
+                raise UserError(f"--gguf: {out} lies inside {path}; choose another place")
+        return inputs, inputs.base_path
+    if (source / "config.json").is_file():
+        return None, source
+    raise UserError(f"{source}: neither an adapter directory (adapter_config.json) nor a model directory "
+                    "(config.json)")
+
+
+def _write(writer: gguf.GGUFWriter, path: Path, plan: list[Planned], inputs: MergeInputs | None, model_dir: Path,
+           base: str, check: bool, report: ExportReport) -> dict[str, str]:
+    """Header, metadata and tensor table, then each tensor as it is merged and converted; returns the sha256 of
+    each tensor's bytes, for the read-back check."""
+    for p in plan:
+        writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
+    writer.write_header_to_file(path=path)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    # Merged in float32 and rounded once, by the conversion, which also measures what that rounding cost.
+    merge_report = MergeReport(dtype="float32", base=base)
+    tensors = (merged_tensors(inputs, torch.float32, base, merge_report, check) if inputs is not None
+               else _model_tensors(model_dir))
+    digests = {}
+    for p, data in _aligned(plan, tensors):
+        data = _prepare(p, data)
+        written = _convert(data, p.qtype, p.name)
+        report.tensors[p.name] = _rounding_error(data, written, p.qtype)
+        digests[p.name] = written_digest(written)
+        writer.write_tensor_data(written)
+        del data, written
+    writer.close()
+    report.merge_layers = merge_report.layers
+    if not merge_report.passed:
+        report.passed = False
+        report.failures += merge_report.failures
+    return digests
 
 
 def plan_tensors(model_dir: Path, config, arch: Arch, qtype: str) -> list[Planned]:
     """Every output tensor, in the order the second pass produces them (headers only: no weights are read)."""
     tensor_map = gguf.get_tensor_name_map(arch.gguf_arch, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
     plan = []
     for file in checkpoint_files(model_dir):
         with safe_open(model_dir / file, framework="pt", device="cpu") as f:
@@ -213,7 +233,8 @@ def _tensor_type(name: str, shape: tuple[int, ...], qtype: str, tied: bool) -> g
     return wanted if shape[-1] % block == 0 else F16
 
 
-def _aligned(plan: list[Planned], tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[Planned, torch.Tensor]]:
+def _aligned(plan: list[Planned],
+             tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[Planned, torch.Tensor]]:
     """Pair each planned tensor with its data; the checkpoint's own tensors come in plan order."""
     stream = iter(tensors)
     for p in plan:
@@ -334,7 +355,7 @@ def _add_metadata(writer: gguf.GGUFWriter, config, model_dir: Path, source: Path
         writer.add_rope_scaling_factor(rope["factor"])
         writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
     elif kind == "longrope" and config.model_type == "phi3":
-        original = rope.get("original_max_position_embeddings", getattr(config, "original_max_position_embeddings"))
+        original = rope.get("original_max_position_embeddings", config.original_max_position_embeddings)
         scale = config.max_position_embeddings / original
         writer.add_rope_scaling_orig_ctx_len(original)
         writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
@@ -344,12 +365,6 @@ def _add_metadata(writer: gguf.GGUFWriter, config, model_dir: Path, source: Path
         if kind != "longrope" and getattr(config, "original_max_position_embeddings", None):
             writer.add_rope_scaling_orig_ctx_len(config.original_max_position_embeddings)
         writer.add_sliding_window(getattr(config, "sliding_window", None) or 0)
-
-
-def _refuse_inside(out: Path, sources: list[Path]) -> None:
-    for path in sources:
-        if path.resolve() in out.resolve().parents:
-            raise UserError(f"--gguf: {out} lies inside {path}; choose another place")
 
 
 def _publish(tmp: Path, out: Path, report_text: str, report_path: Path) -> None:

@@ -1,11 +1,13 @@
 """The demo, end to end on the real built-in model, cut to a few steps and a few held-out examples."""
 
 import json
+from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM
 
 from qlora_kit.demo import ROOT, run_demo
+from qlora_kit.llama_cpp_eval import llama_cpp_available
 
 
 @pytest.mark.slow
@@ -21,3 +23,8 @@ def test_demo_smoke(tmp_path, monkeypatch):
     merged = AutoModelForCausalLM.from_pretrained(report["paths"]["merged"])
     assert str(merged.dtype) == "torch.float16"
     assert (tmp_path / "demo" / "adapter" / "adapter_model.safetensors").is_file()
+    gguf = report["gguf"]
+    assert gguf["type"] == "q8_0" and Path(report["paths"]["gguf"]).is_file()
+    assert gguf["perplexity_gguf"] < 1.1 * gguf["perplexity_reference"]
+    if llama_cpp_available():  # the same prompts, tokenized by llama.cpp from the GGUF's own metadata
+        assert gguf["llama_cpp"]["examples"] == 6 and gguf["llama_cpp"]["prompt_ids_differ"] == 0

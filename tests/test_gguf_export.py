@@ -21,7 +21,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, PreTrainedTokenizerFast
 
-from conftest import CONFIGS, make_tiny_model
 from qlora_kit.config import load_recipe
 from qlora_kit.errors import UserError
 from qlora_kit.gguf import smollm2_gguf_path
@@ -30,6 +29,8 @@ from qlora_kit.gguf_export import export_gguf
 from qlora_kit.llama_cpp_eval import llama_cpp_available, load_llama
 from qlora_kit.merge import merge
 from qlora_kit.train import train
+
+from conftest import CONFIGS, make_tiny_model
 
 needs_llama_cpp = pytest.mark.skipif(not llama_cpp_available(),
                                      reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
@@ -188,7 +189,8 @@ def test_llama_cpp_on_the_export_equals_the_adapter(adapter_run, tmp_path):
         reference = trained(torch.tensor([ids])).logits[0].float()
     assert relative_logit_error(llama_cpp_logits(tmp_path / "out.gguf", ids), reference) <= 1e-2
     llm = load_llama(tmp_path / "out.gguf", n_ctx=128)
-    theirs = [t for _, t in zip(range(8), llm.generate(ids[:16], top_k=1, temp=0.0, repeat_penalty=1.0))]
+    stream = llm.generate(ids[:16], top_k=1, temp=0.0, repeat_penalty=1.0)
+    theirs = [next(stream) for _ in range(8)]
     with torch.no_grad():
         ours = trained.generate(torch.tensor([ids[:16]]), max_new_tokens=8, do_sample=False,
                                 eos_token_id=None)[0, 16:].tolist()
@@ -216,7 +218,8 @@ def spm_tokenizer(out: Path) -> Path:
     text = ["the quick brown fox jumps over the lazy dog", "write this date in compact form", "hello world"] * 20
     trained.train_from_iterator(text, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
     spec = json.loads(trained.to_str())
-    learned = [t for t, _ in sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1]) if t not in ("<unk>", "<s>", "</s>")]
+    specials = ["<unk>", "<s>", "</s>"]
+    learned = [t for t, _ in sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1]) if t not in specials]
     vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + learned)}
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in spec["model"]["merges"]]
     core = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
