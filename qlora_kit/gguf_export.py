@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from qlora_kit.cpu import return_large_frees_to_os
 from qlora_kit.errors import Failed, UserError
 from qlora_kit.files import check_free_space, exclusive, remove_leftovers
 from qlora_kit.gguf_check import check_export, written_digest
@@ -64,7 +65,7 @@ class Arch:
 
 ARCHS = {"llama": Arch(gguf.MODEL_ARCH.LLAMA, True), "mistral": Arch(gguf.MODEL_ARCH.LLAMA, True),
          "qwen2": Arch(gguf.MODEL_ARCH.QWEN2, False), "phi3": Arch(gguf.MODEL_ARCH.PHI3, False)}
-ROWS_PER_CHUNK_BYTES = 64 * 2**20  # quantize this much float32 at a time: numpy's temporaries stay small
+CHUNK_BYTES = 16 * 2**20  # convert this much float32 at a time (see _convert)
 
 
 @dataclass
@@ -103,6 +104,7 @@ def export_gguf(source: Path, out: Path, qtype: str = "q8_0", model_path: str | 
     Everything that can be refused (arguments, architecture, tensors, tokenizer) is refused before a byte is
     written."""
     start = time.perf_counter()
+    return_large_frees_to_os()
     source, out = Path(source), Path(out)
     if qtype not in TYPES:
         raise UserError(f"--type: {qtype!r} is not one of {', '.join(TYPES)}")
@@ -173,15 +175,15 @@ def _write(writer: gguf.GGUFWriter, path: Path, plan: list[Planned], inputs: Mer
     writer.write_header_to_file(path=path)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    # Merged in float32 and rounded once, by the conversion, which also measures what that rounding cost.
+    # Merged weights come in float32 and every other tensor as stored (an embedding in float32 would double the
+    # largest tensor); each is rounded once, by the conversion, which also measures what that rounding cost.
     merge_report = MergeReport(dtype="float32", base=base)
-    tensors = (merged_tensors(inputs, torch.float32, base, merge_report, check) if inputs is not None
+    tensors = (merged_tensors(inputs, None, base, merge_report, check) if inputs is not None
                else _model_tensors(model_dir))
     digests = {}
     for p, data in _aligned(plan, tensors):
         data = _prepare(p, data)
-        written = _convert(data, p.qtype, p.name)
-        report.tensors[p.name] = _rounding_error(data, written, p.qtype)
+        written, report.tensors[p.name] = _convert(data, p.qtype, p.name)
         digests[p.name] = written_digest(written)
         writer.write_tensor_data(written)
         del data, written
@@ -264,33 +266,43 @@ def _prepare(p: Planned, data: torch.Tensor) -> torch.Tensor:
     return data.contiguous()
 
 
-def _convert(data: torch.Tensor, qtype: gguf.GGMLQuantizationType, name: str) -> np.ndarray:
-    """The tensor's GGUF bytes (as a typed array for f32/f16, raw uint8 blocks otherwise), in row chunks."""
-    if qtype == F32:
-        return data.float().numpy()
-    if qtype == F16:
-        if not within_fp16(data):
-            raise UserError(f"'{name}' has values beyond float16's range (|w| > 65504, inf or nan); export with "
-                            "--type bf16 instead")
-        return data.half().numpy()
-    if qtype == gguf.GGMLQuantizationType.BF16:
-        return data.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8).reshape(*data.shape[:-1], -1)
+def _convert(data: torch.Tensor, qtype: gguf.GGMLQuantizationType, name: str) -> tuple[np.ndarray, float]:
+    """The tensor's GGUF bytes, and what the type's rounding cost it: max |converted - input| / max |input|.
+
+    Row chunk by row chunk into one preallocated array, so that numpy's temporaries (several per chunk, in
+    float32) stay a few tens of MiB whatever the tensor's size."""
+    if qtype == F16 and not within_fp16(data):
+        raise UserError(f"'{name}' has values beyond float16's range (|w| > 65504, inf or nan); export with "
+                        "--type bf16 instead")
     rows = data.reshape(-1, data.shape[-1])
-    step = max(1, ROWS_PER_CHUNK_BYTES // (rows.shape[1] * 4))
-    parts = [gguf.quants.quantize(rows[i:i + step].float().numpy(), qtype) for i in range(0, rows.shape[0], step)]
-    return np.concatenate(parts).reshape(*data.shape[:-1], -1)
+    out_row = gguf.quants.quant_shape_to_byte_shape(rows.shape, qtype)[-1]
+    out = np.empty((rows.shape[0], out_row), dtype=np.uint8)
+    step = max(1, CHUNK_BYTES // (rows.shape[1] * 4))
+    worst, largest = 0.0, 0.0
+    for i in range(0, rows.shape[0], step):
+        chunk = rows[i:i + step].float()
+        packed, back = _convert_rows(chunk, qtype)
+        out[i:i + step] = packed.view(np.uint8).reshape(len(chunk), out_row)
+        worst = max(worst, (back - chunk).abs().max().item())
+        largest = max(largest, chunk.abs().max().item())
+    error = worst / max(largest, 1e-30)
+    shape = (*data.shape[:-1], out_row)
+    return (out.view(np.float32 if qtype == F32 else np.float16).reshape(data.shape)
+            if qtype in (F32, F16) else out.reshape(shape)), error
 
 
-def _rounding_error(data: torch.Tensor, written: np.ndarray, qtype: gguf.GGMLQuantizationType) -> float:
-    """What the GGUF type costs this tensor: max |dequantized - input| / max |input| (0 for exact types)."""
+def _convert_rows(rows: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> tuple[np.ndarray, torch.Tensor]:
+    """float32 rows as GGUF data, and the values a reader gets back from it."""
     if qtype == F32:
-        return 0.0
+        return rows.numpy(), rows
+    if qtype == F16:
+        half = rows.half()
+        return half.numpy(), half.float()
     if qtype == gguf.GGMLQuantizationType.BF16:
-        back = torch.from_numpy(written.view(np.int16).copy()).view(torch.bfloat16).float().reshape(data.shape)
-    else:
-        back = torch.from_numpy(gguf.quants.dequantize(written, qtype)).reshape(data.shape)
-    reference = data.float()
-    return ((back - reference).abs().max() / reference.abs().max().clamp_min(1e-30)).item()
+        brain = rows.to(torch.bfloat16)
+        return brain.view(torch.int16).numpy(), brain.float()
+    packed = gguf.quants.quantize(rows.numpy(), qtype)
+    return packed, torch.from_numpy(gguf.quants.dequantize(packed, qtype)).reshape(rows.shape)
 
 
 def _rope_tensors(config, arch: Arch) -> list[tuple[str, torch.Tensor]]:

@@ -182,10 +182,11 @@ def _write_weights(inputs: MergeInputs, out: Path, out_dtype: torch.dtype, base:
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def merged_tensors(inputs: MergeInputs, out_dtype: torch.dtype, base: str = "dequantized",
+def merged_tensors(inputs: MergeInputs, out_dtype: torch.dtype | None, base: str = "dequantized",
                    report: MergeReport | None = None, check: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of the merged model, in checkpoint order, one at a time: input shards are memory-mapped
-    and nothing is kept, so a consumer that writes each tensor out holds one of them at a time."""
+    and nothing is kept, so a consumer that writes each tensor out holds one of them at a time.
+    `out_dtype=None`: merged weights in float32, every other tensor as stored (for a consumer that casts)."""
     report = report if report is not None else MergeReport(dtype=str(out_dtype), base=base)
     for file in checkpoint_files(inputs.base_path):
         with safe_open(inputs.base_path / file, framework="pt", device="cpu") as f:
@@ -193,10 +194,10 @@ def merged_tensors(inputs: MergeInputs, out_dtype: torch.dtype, base: str = "deq
                 yield name, _merged_tensor(inputs, name, f.get_tensor(name), out_dtype, base, report, check)
 
 
-def _merged_tensor(inputs: MergeInputs, name: str, tensor: torch.Tensor, out_dtype: torch.dtype, base: str,
+def _merged_tensor(inputs: MergeInputs, name: str, tensor: torch.Tensor, out_dtype: torch.dtype | None, base: str,
                    report: MergeReport, check: bool) -> torch.Tensor:
     module, _, attr = name.rpartition(".")
-    if not tensor.is_floating_point():
+    if not tensor.is_floating_point() or (out_dtype is None and (attr != "weight" or module not in inputs.quantized)):
         return tensor
     if attr != "weight" or module not in inputs.quantized:
         return _cast(tensor, out_dtype, name)
@@ -206,7 +207,7 @@ def _merged_tensor(inputs: MergeInputs, name: str, tensor: torch.Tensor, out_dty
     if module in inputs.loras:
         a, b = (t.float() for t in inputs.loras[module])
         weight = weight + inputs.scale * (b @ a)
-    merged = _cast(weight, out_dtype, name)
+    merged = _cast(weight, out_dtype or torch.float32, name)
     if check and module in inputs.loras:
         _check_layer(inputs, module, merged, dequantized, base, report)
     return merged

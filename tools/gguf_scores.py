@@ -49,7 +49,8 @@ def main() -> None:
         results[f"gguf_{qtype}_llama_cpp"] = {
             "exact_match": scored["exact_match"], "prompt_ids_differ": scored["prompt_ids_differ"],
             "bytes": path.stat().st_size, "export_seconds": round(seconds, 1),
-            "perplexity_reference": logits.get("perplexity_reference"), "perplexity_gguf": logits.get("perplexity_gguf")}
+            "perplexity_reference": logits.get("perplexity_reference"),
+            "perplexity_gguf": logits.get("perplexity_gguf")}
     print(json.dumps({"examples": len(examples.dataset), **results}, indent=2))
 
 
