@@ -140,7 +140,8 @@ class PackedExperts(nn.Module):
     def fill(self, expert: int, weight: torch.Tensor) -> None:
         """Quantize `weight` (d_out x d_in) into expert `expert`'s slot."""
         if tuple(weight.shape) != (self.d_out, self.d_in):
-            raise UserError(f"expert weight has shape {tuple(weight.shape)}, the model expects {(self.d_out, self.d_in)}")
+            raise UserError(f"expert weight has shape {tuple(weight.shape)}, the model expects "
+                            f"{(self.d_out, self.d_in)}")
         packed, state = nf4.quantize(weight, self.quant, self.codes.device)
         (absmax, code, offset, absmax2, code2), layout = nf4.split_state(state)
         with torch.no_grad():
@@ -185,7 +186,7 @@ class PackedExperts(nn.Module):
             return None
         a = self.lora_A.weight.view(self.num_experts, self.r, self.d_in).unbind(0)
         b = self.lora_B.weight.view(self.d_out, self.r, self.num_experts).unbind(2)
-        return list(zip(a, b))
+        return list(zip(a, b, strict=True))
 
     def forward(self, x: torch.Tensor, expert: int, pair: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """x (tokens, d_in) through expert `expert` (and its LoRA pair, from `lora_pairs`)."""
@@ -237,6 +238,38 @@ def swap_in_4bit(model: nn.Module, quant: QuantConfig, dtype: torch.dtype, devic
         setattr(owner, child, Experts4bit(getattr(owner, child), quant, dtype, device))
 
 
+def rename(model_type: str, name: str) -> str:
+    """The model's name for a checkpoint tensor (Mixtral's hub checkpoints: `block_sparse_moe` is `mlp`)."""
+    for old, new in FAMILIES[model_type].renames if model_type in FAMILIES else ():
+        name = name.replace(old, new)
+    return name
+
+
+def checkpoint_slot(model_type: str, blocks: set[str], name: str) -> tuple[str, int | None, int | None] | None:
+    """Where checkpoint tensor `name` goes: (expert projection, expert or None for a fused (experts, out, in)
+    tensor, half of gate_up (0 gate, 1 up) or None for the whole matrix); None for a tensor that is no expert's."""
+    if not blocks:
+        return None
+    name = rename(model_type, name)
+    block, _, leaf = name.rpartition(".")
+    if block in blocks and leaf in PROJECTIONS:
+        return name, None, None
+    m = _PER_EXPERT.match(name)
+    leaves = FAMILIES[model_type].leaves if model_type in FAMILIES else {}
+    if not m or m["block"] not in blocks or m["leaf"] not in leaves:
+        return None
+    proj, half = leaves[m["leaf"]]
+    return f"{m['block']}.{proj}", int(m["expert"]), half
+
+
+def other_half(model_type: str, name: str) -> str:
+    """The checkpoint name of the other half of a per-expert gate or up tensor (`w1` <-> `w3`)."""
+    leaf = _PER_EXPERT.match(name)["leaf"]
+    proj, half = FAMILIES[model_type].leaves[leaf]
+    other = next(k for k, v in FAMILIES[model_type].leaves.items() if v == (proj, 1 - half))
+    return name.removesuffix(f".{leaf}.weight") + f".{other}.weight"
+
+
 class CheckpointExperts:
     """Routes a streamed checkpoint's expert tensors into the model's `Experts4bit` modules, in either layout:
     fused (`experts.gate_up_proj`, (experts, out, in): each expert quantized from its slice) or one tensor per
@@ -244,41 +277,33 @@ class CheckpointExperts:
     a half waits, in the quantization dtype, until its other half arrives)."""
 
     def __init__(self, model: nn.Module, quantize_from: torch.dtype) -> None:
-        self.model, self.dtype = model, quantize_from
-        self.family = FAMILIES.get(model.config.model_type)
+        self.model, self.dtype, self.model_type = model, quantize_from, model.config.model_type
         self.blocks = set(expert_blocks(model))
         self.halves: dict[tuple[str, int], dict[int, torch.Tensor]] = {}
 
     def rename(self, name: str) -> str:
-        """The model's name for a checkpoint tensor (Mixtral's hub checkpoints: `block_sparse_moe` is `mlp`)."""
-        for old, new in self.family.renames if self.family and self.blocks else ():
-            name = name.replace(old, new)
-        return name
+        return rename(self.model_type, name) if self.blocks else name
 
     def take(self, name: str, tensor: torch.Tensor) -> bool:
         """Quantize `tensor` into its expert slot(s) if it is an expert weight; False if it is not one."""
-        if not self.blocks:
+        slot = checkpoint_slot(self.model_type, self.blocks, name)
+        if slot is None:
             return False
-        block, _, leaf = name.rpartition(".")
-        if block in self.blocks and leaf in PROJECTIONS:
-            stack = self.model.get_submodule(name)
+        stack_name, e, half = slot
+        stack = self.model.get_submodule(stack_name)
+        if e is None:
             if tensor.dim() != 3 or tensor.shape[0] != stack.num_experts:
                 raise UserError(f"checkpoint tensor '{name}' has shape {tuple(tensor.shape)}, the model expects "
                                 f"{(stack.num_experts, stack.d_out, stack.d_in)}")
             for e in range(stack.num_experts):
                 stack.fill(e, tensor[e].to(self.dtype))
             return True
-        m = _PER_EXPERT.match(name)
-        if not m or m["block"] not in self.blocks or m["leaf"] not in self.family.leaves:
-            return False
-        proj, half = self.family.leaves[m["leaf"]]
-        stack, e = self.model.get_submodule(f"{m['block']}.{proj}"), int(m["expert"])
         if e >= stack.num_experts:
             raise UserError(f"checkpoint tensor '{name}': expert {e}, but the model has {stack.num_experts}")
         if half is None:
             stack.fill(e, tensor.to(self.dtype))
             return True
-        pending = self.halves.setdefault((stack_name := f"{m['block']}.{proj}", e), {})
+        pending = self.halves.setdefault((stack_name, e), {})
         pending[half] = tensor.to(self.dtype, copy=True)
         if len(pending) == 2:
             stack.fill(e, torch.cat([pending[0], pending[1]]))
@@ -294,6 +319,12 @@ class CheckpointExperts:
         if missing:
             shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
             raise UserError(f"{path}: checkpoint is missing expert weights: {shown}")
+
+
+def expert_pair(a: torch.Tensor, b: torch.Tensor, expert: int, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert `expert`'s (A (r x d_in), B (d_out x r)) from the stacked pair in PEFT's layout."""
+    r = a.shape[0] // experts
+    return a[expert * r:(expert + 1) * r], b[:, expert::experts]
 
 
 def lora_parameters(model: nn.Module) -> dict[str, PackedExperts]:
