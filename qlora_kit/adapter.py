@@ -134,9 +134,12 @@ class Adapter:
                 raise UserError(f"{self.path}: adapter targets {module}, which is not a quantized linear layer of "
                                 f"{base}")
             copies, d_in, d_out = shapes[module]
-            if a.shape[1] != d_in or b.shape[0] != d_out or a.shape[0] != copies * self.r:
-                raise UserError(f"{self.path}: {module} is {copies} x {d_out} x {d_in} in {base}, but the adapter's "
-                                f"A is {tuple(a.shape)} and B {tuple(b.shape)}")
+            if a.shape[1] != d_in or b.shape[0] != d_out:
+                raise UserError(f"{self.path}: {module} is {d_out} x {d_in} in {base}, but the adapter's B @ A is "
+                                f"{b.shape[0]} x {a.shape[1]}")
+            if a.shape[0] != copies * self.r:
+                raise UserError(f"{self.path}: {module} has {copies} experts in {base}, but the adapter has LoRA "
+                                f"pairs for {a.shape[0] // self.r}")
 
 
 def read_adapter(adapter_dir: Path) -> Adapter:

@@ -54,6 +54,8 @@ FAMILIES = {
     "mixtral": Family(((".block_sparse_moe.", ".mlp."),),
                       {"w1": ("gate_up_proj", 0), "w3": ("gate_up_proj", 1), "w2": ("down_proj", None)}),
 }
+MOE_UNSUPPORTED = ("mixture-of-experts models: train.offload_base, FSDP and the memory trace do not support their "
+                   "4-bit experts yet")
 _PER_EXPERT = re.compile(r"^(?P<block>.+\.experts)\.(?P<expert>\d+)\.(?P<leaf>\w+)\.weight$")
 
 

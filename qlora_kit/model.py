@@ -89,8 +89,7 @@ def load_quantized(path: Path, quant: QuantConfig, device: torch.device, trust_r
     model = meta_model(path, dtype, trust_remote_code)
     experts.check_supported(model)
     if experts.expert_blocks(model) and (keep_4bit_on_host or not read_weights):
-        raise UserError("mixture-of-experts models: train.offload_base, FSDP and the memory trace do not support "
-                        "their 4-bit experts yet")
+        raise UserError(experts.MOE_UNSUPPORTED)
     experts.swap_in_4bit(model, quant, dtype, device)
     if not read_weights:  # on the meta device (the memory trace) the shells get meta quantization states too
         for name in quantizable_linears(model):
