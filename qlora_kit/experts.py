@@ -48,9 +48,11 @@ class Family:
     leaves: dict[str, tuple[str, int | None]]  # per-expert leaf -> (projection, half of gate_up: 0 gate, 1 up)
 
 
+_QWEN = Family((), {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", None)})
+# The families tested end to end (tests/test_moe.py); Qwen2-MoE adds a shared expert, plain linears.
 FAMILIES = {
-    "qwen3_moe": Family((), {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
-                             "down_proj": ("down_proj", None)}),
+    "qwen2_moe": _QWEN,
+    "qwen3_moe": _QWEN,
     "mixtral": Family(((".block_sparse_moe.", ".mlp."),),
                       {"w1": ("gate_up_proj", 0), "w3": ("gate_up_proj", 1), "w2": ("down_proj", None)}),
 }

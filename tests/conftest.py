@@ -18,6 +18,7 @@ from transformers import (
     MixtralConfig,
     Phi3Config,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3MoeConfig,
 )
 
@@ -52,6 +53,9 @@ MOE_CONFIGS = {
     "qwen3_moe": (Qwen3MoeConfig, dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16,
                                        norm_topk_prob=True)),
     "mixtral": (MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32)),
+    # a shared expert (plain linears) beside the routed ones, and a dense layer (mlp_only_layers)
+    "qwen2_moe": (Qwen2MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                       shared_expert_intermediate_size=48, mlp_only_layers=[1])),
 }
 
 

@@ -59,7 +59,8 @@ def test_expert_bytes_equal_quantizing_each_expert_with_bitsandbytes(tiny_moe, a
     ours = load_quantized(path, QuantConfig(), CPU).model
     reference = reference_model(path)
     blocks = [n for n, m in ours.named_modules() if isinstance(m, Experts4bit)]
-    assert len(blocks) == 2 and not any(p.dim() == 3 for p in ours.parameters())  # no 16-bit expert left
+    assert blocks == [n for n, _ in reference.named_modules() if n.endswith("mlp.experts")]
+    assert not any(p.dim() == 3 for p in ours.parameters())  # no 16-bit expert left
     for block in blocks:
         for proj in ("gate_up_proj", "down_proj"):
             stack = ours.get_submodule(f"{block}.{proj}")
@@ -183,7 +184,8 @@ def peft_reference(path, adapter_dir):
 @pytest.mark.parametrize("arch, layout, targets", [
     ("qwen3_moe", "per_expert", "all-linear"), ("qwen3_moe", "fused", "[experts]"),
     ("mixtral", "per_expert", "[q_proj, v_proj, mlp.experts]"), ("mixtral", "fused", "[experts.down_proj, o_proj]"),
-    ("qwen3_moe", "fused", "[q_proj, o_proj]")])
+    ("qwen3_moe", "fused", "[q_proj, o_proj]"), ("qwen2_moe", "per_expert", "all-linear"),
+    ("qwen2_moe", "fused", "[down_proj, shared_expert.up_proj]")])
 def test_peft_loads_our_adapter_with_matching_logits(tiny_moe, tmp_path, arch, layout, targets):
     path = tiny_moe[arch, layout]
     recipe = moe_recipe(path, f"lora.target_modules={targets}")
@@ -214,7 +216,7 @@ def test_peft_loads_our_adapter_with_matching_logits(tiny_moe, tmp_path, arch, l
 
 
 @pytest.mark.parametrize("arch, layout", [("qwen3_moe", "per_expert"), ("mixtral", "fused"),
-                                          ("mixtral", "per_expert")])
+                                          ("mixtral", "per_expert"), ("qwen2_moe", "per_expert")])
 def test_float32_export_matches_the_adapter_on_the_4bit_base(tiny_moe, memorise_data, tmp_path, arch, layout):
     path = tiny_moe[arch, layout]
     recipe = load_recipe(None, [f"model.path={path}", f"data.path={memorise_data}", f"output_dir={tmp_path / 'run'}",
