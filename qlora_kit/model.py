@@ -46,7 +46,7 @@ class LoadedModel:
     path: Path
     compute_dtype: torch.dtype
     offload: OffloadedLayers | None = None  # set by `train.build_model` with `train.offload_base`
-    linears: list[str] = field(default_factory=list)  # the quantized linears (set by `train.build_model`)
+    linears: list[str] = field(default_factory=list)  # quantized linears and expert projections (`lora_shapes`)
     targets: list[str] = field(default_factory=list)  # those with LoRA (PEFT's `target_modules` needs both)
 
 
