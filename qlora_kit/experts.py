@@ -56,8 +56,7 @@ FAMILIES = {
     "mixtral": Family(((".block_sparse_moe.", ".mlp."),),
                       {"w1": ("gate_up_proj", 0), "w3": ("gate_up_proj", 1), "w2": ("down_proj", None)}),
 }
-MOE_UNSUPPORTED = ("mixture-of-experts models: train.offload_base, FSDP and the memory trace do not support their "
-                   "4-bit experts yet")
+MOE_UNSUPPORTED = "mixture-of-experts models: train.offload_base and FSDP do not support their 4-bit experts yet"
 _PER_EXPERT = re.compile(r"^(?P<block>.+\.experts)\.(?P<expert>\d+)\.(?P<leaf>\w+)\.weight$")
 
 
@@ -223,15 +222,34 @@ class Experts4bit(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            hit = torch.unique(top_k_index).tolist()
         gate_up, down = self.gate_up_proj.lora_pairs(), self.down_proj.lora_pairs()
-        for e in hit:
-            token_idx, k_pos = torch.where(top_k_index == e)
+        for e, token_idx, k_pos in self._routes(top_k_index):
             gate, up = self.gate_up_proj(hidden_states[token_idx], e, gate_up and gate_up[e]).chunk(2, dim=-1)
             y = self.down_proj(self.act_fn(gate) * up, e, down and down[e])
             out.index_add_(0, token_idx, (y * top_k_weights[token_idx, k_pos, None]).to(out.dtype))
         return out
+
+    def _routes(self, top_k_index: torch.Tensor):
+        """(expert, its tokens, their top-k slots) for each expert that received tokens. On the meta device (the
+        memory trace) there are no values to route by: every expert gets its even share of the routes."""
+        if top_k_index.is_meta:
+            share = math.ceil(top_k_index.numel() / self.num_experts)
+            idx = torch.zeros(share, dtype=torch.long, device="meta")
+            yield from ((e, idx, idx) for e in range(self.num_experts))
+            return
+        with torch.no_grad():
+            hit = torch.unique(top_k_index).tolist()
+        for e in hit:
+            yield (e, *torch.where(top_k_index == e))
+
+
+def fill_meta(model: nn.Module, dtype: torch.dtype) -> None:
+    """Give every expert of `model`'s `Experts4bit` modules (on the meta device) a meta quantization state: the
+    memory trace runs the real code on them."""
+    for stack in model.modules():
+        if isinstance(stack, PackedExperts):
+            stack.fill(0, torch.empty(stack.d_out, stack.d_in, dtype=dtype, device="meta"))
+            stack.filled = [True] * stack.num_experts
 
 
 def swap_in_4bit(model: nn.Module, quant: QuantConfig, dtype: torch.dtype, device: torch.device) -> None:

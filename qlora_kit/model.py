@@ -88,10 +88,11 @@ def load_quantized(path: Path, quant: QuantConfig, device: torch.device, trust_r
     dtype = compute_dtype_for(quant.compute_dtype, device)
     model = meta_model(path, dtype, trust_remote_code)
     experts.check_supported(model)
-    if experts.expert_blocks(model) and (keep_4bit_on_host or not read_weights):
+    if experts.expert_blocks(model) and (keep_4bit_on_host or not read_weights and device.type != "meta"):
         raise UserError(experts.MOE_UNSUPPORTED)
-    experts.swap_in_4bit(model, quant, dtype, device)
+    experts.swap_in_4bit(model, quant, dtype, device if read_weights else torch.device("meta"))
     if not read_weights:  # on the meta device (the memory trace) the shells get meta quantization states too
+        experts.fill_meta(model, quantize_from or dtype)
         for name in quantizable_linears(model):
             linear = model.get_submodule(name)
             weight = (torch.empty(linear.out_features, linear.in_features, dtype=quantize_from or dtype,

@@ -117,7 +117,9 @@ def dequantize(weight: torch.Tensor, state: QuantState, dtype: torch.dtype) -> t
 
 def quantize(weight: torch.Tensor, quant: QuantConfig, device: torch.device) -> tuple[torch.Tensor, QuantState]:
     """`weight` (2-D) quantized on `device` exactly as `Params4bit.to` quantizes a layer's weight: packed codes
-    (shape (numel / 2 / storage itemsize, 1)) and their state."""
+    (shape (numel / 2 / storage itemsize, 1)) and their state. On the meta device (the memory trace) too."""
+    if weight.is_meta:  # bitsandbytes' code table must not be first made on the meta device: see quantized_linear
+        bnb.functional.name2qmap.setdefault("dynamic", bnb.functional.create_dynamic_map())
     return bnb.functional.quantize_4bit(weight.contiguous().to(device), blocksize=quant.blocksize,
                                         compress_statistics=quant.double_quant, quant_type=quant.quant_type,
                                         quant_storage=getattr(torch, quant.storage_dtype))

@@ -267,3 +267,27 @@ def test_an_unsupported_moe_layout_is_refused_before_reading_weights(tmp_path):
     with pytest.raises(UserError, match=r"^gpt_oss: its mixture-of-experts layout .* is not supported") as e:
         load_quantized(path, QuantConfig(), CPU)
     assert "\n" not in str(e.value)
+
+
+def test_the_memory_trace_runs_the_experts_on_the_meta_device(tiny_moe, tmp_path, capsys):
+    """`estimate --trace` on an MoE model: the real experts code at the recipe's shape (each expert an even share
+    of the routes), every expert's 4-bit bytes counted as the estimate counts them."""
+    from qlora_kit.cli import main
+    from qlora_kit.estimate import estimate, shape_from_config
+    from qlora_kit.trace import trace_step
+
+    # wide enough that the allocator's 512-byte rounding of each small tensor is lost in the total
+    config = {"model_type": "qwen3_moe", "vocab_size": 4096, "hidden_size": 256, "intermediate_size": 512,
+              "moe_intermediate_size": 128,
+              "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+              "num_experts": 16, "num_experts_per_tok": 4, "tie_word_embeddings": False}
+    recipe = load_recipe(None, ["train.seq_len=256", "train.micro_batch_size=2", "lora.r=8"])
+    shape = shape_from_config(config, "small")
+    trace = trace_step(recipe, config)
+    parts = estimate(recipe, shape).parts
+    four_bit = parts["4-bit weights"] + parts["4-bit expert weights"]
+    assert abs(trace.parts["4-bit weights"] - four_bit) <= 0.03 * four_bit
+    assert trace.parts["LoRA weights"] == parts["LoRA weights"]
+    (tmp_path / "r.yaml").write_text(f"model:\n  path: {tiny_moe['mixtral', 'fused']}\ntrain:\n  seq_len: 64\n")
+    assert main(["estimate", str(tmp_path / "r.yaml"), "--trace"]) == 0
+    assert "traced peak" in capsys.readouterr().out

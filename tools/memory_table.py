@@ -46,8 +46,6 @@ def row(label: str, recipe_name: str, config: dict | None, overrides: list[str],
     shards = int(m.group(1)) if (m := re.search(r"--fsdp (\d+)", header)) else 1
     est = estimate(recipe, shape, "cuda", shards, "--fsdp-offload" in header)
     allocated = est.total - est.parts.get("CUDA context", 0) - est.parts.get("allocator slack", 0)
-    if shape.experts:  # the trace's meta-device step cannot route tokens (routing reads values)
-        return f"| {label} | | {published} | {gib(allocated)} | not traced (MoE) | {gib(est.total)} |"
     trace = trace_step(recipe, shape.config)
     traced = gib(trace.peak)
     if shards > 1:  # a single-process trace, what FSDP shards taken out (derived, not traced)
