@@ -135,6 +135,20 @@ def test_experts_forward_and_gradients_equal_a_naive_per_expert_reference(tiny_m
         assert stack.lora_A.weight.grad[4:].abs().max() > 0
 
 
+def test_only_experts_with_tokens_are_dequantized_once_a_pass(tiny_moe):
+    """What bitsandbytes actually runs: each expert that received tokens is dequantized once per projection in
+    the forward and once in the backward (as dense layers are, fused.py); an idle expert never."""
+    from torch.profiler import ProfilerActivity, profile
+
+    block = build_model(moe_recipe(tiny_moe["qwen3_moe", "fused"]), CPU).model.train().model.layers[0].mlp.experts
+    x = torch.randn(6, 64, requires_grad=True)
+    top_k_index = torch.tensor([[1, 2], [2, 3], [1, 3], [5, 1], [2, 5], [3, 1]])  # experts 1, 2, 3, 5 of 8
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        block(x, top_k_index, torch.rand(6, 2)).sum().backward()
+    dequantized = sum(e.name == "bitsandbytes::dequantize_4bit" for e in prof.events())
+    assert dequantized == 4 * 2 * 2  # 4 experts x 2 projections x (forward, backward)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_checkpointed_gradients_equal_plain_ones(tiny_moe, arch):
     """Gradient checkpointing (the training default) recomputes the experts loop: same gradients."""
@@ -291,3 +305,9 @@ def test_the_memory_trace_runs_the_experts_on_the_meta_device(tiny_moe, tmp_path
     (tmp_path / "r.yaml").write_text(f"model:\n  path: {tiny_moe['mixtral', 'fused']}\ntrain:\n  seq_len: 64\n")
     assert main(["estimate", str(tmp_path / "r.yaml"), "--trace"]) == 0
     assert "traced peak" in capsys.readouterr().out
+
+
+def test_offloading_an_moe_base_is_refused_in_one_line(tiny_moe):
+    recipe = moe_recipe(tiny_moe["mixtral", "fused"], "train.offload_base=true")
+    with pytest.raises(UserError, match="^mixture-of-experts models: train.offload_base and FSDP do not support"):
+        build_model(recipe, CPU)
