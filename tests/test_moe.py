@@ -208,7 +208,8 @@ def peft_reference(path, adapter_dir):
     ("qwen3_moe", "per_expert", "all-linear"), ("qwen3_moe", "fused", "[experts]"),
     ("mixtral", "per_expert", "[q_proj, v_proj, mlp.experts]"), ("mixtral", "fused", "[experts.down_proj, o_proj]"),
     ("qwen3_moe", "fused", "[q_proj, o_proj]"), ("qwen2_moe", "per_expert", "all-linear"),
-    ("qwen2_moe", "fused", "[down_proj, shared_expert.up_proj]")])
+    ("qwen2_moe", "fused", "[down_proj, shared_expert.up_proj]"),
+    ("mixtral", "per_expert", "[model.layers.1.mlp.experts.gate_up_proj]")])  # one layer's: PEFT gets full names
 def test_peft_loads_our_adapter_with_matching_logits(tiny_moe, tmp_path, arch, layout, targets):
     path = tiny_moe[arch, layout]
     recipe = moe_recipe(path, f"lora.target_modules={targets}")
