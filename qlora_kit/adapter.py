@@ -222,7 +222,7 @@ def load_adapter_weights(model: nn.Module, adapter_dir: Path) -> None:
 def install_adapter(model: nn.Module, adapter: Adapter) -> None:
     """Copy an adapter's matrices into the model's LoRA layers; every LoRA layer must be matched, both ways."""
     layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-    layers |= experts.lora_parameters(model)
+    layers |= experts.lora_projections(model)
     missing = sorted(layers.keys() - adapter.pairs.keys())
     if missing:
         raise UserError(f"{adapter.path}: adapter does not fit this model: no weights for {len(missing)} LoRA "

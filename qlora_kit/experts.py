@@ -349,7 +349,7 @@ def expert_pair(a: torch.Tensor, b: torch.Tensor, expert: int, experts: int) -> 
     return a[expert * r:(expert + 1) * r], b[:, expert::experts]
 
 
-def lora_parameters(model: nn.Module) -> dict[str, PackedExperts]:
+def lora_projections(model: nn.Module) -> dict[str, PackedExperts]:
     """The expert projections that carry LoRA, by name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, PackedExperts) and m.r}
 
