@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from qlora_kit import experts
 from qlora_kit.config import LoraConfig, QuantConfig, Recipe, validate
 from qlora_kit.errors import UserError
 from qlora_kit.files import staged_dir
@@ -35,9 +36,20 @@ def peft_target_modules(targets: list[str], candidates: list[str]) -> list[str]:
     return sorted(targets)
 
 
-def adapter_config(lora: LoraConfig, target_modules: list[str], base_model: str) -> dict:
-    """PEFT's `LoraConfig` fields, with the values that reproduce qlora-kit's layers."""
-    return {
+def peft_targets(targets: list[str], candidates: list[str]) -> tuple[list[str], list[str]]:
+    """PEFT's `target_modules` (linears) and `target_parameters` (expert projections) for `targets`."""
+    linears = [c for c in candidates if not experts.is_projection(c)]
+    projections = [c for c in candidates if experts.is_projection(c)]
+    return (peft_target_modules([t for t in targets if t in linears], linears) if any(t in linears for t in targets)
+            else [], experts.peft_target_parameters([t for t in targets if t not in linears], projections))
+
+
+def adapter_config(lora: LoraConfig, target_modules: list[str], base_model: str,
+                   target_parameters: list[str] | None = None) -> dict:
+    """PEFT's `LoraConfig` fields, with the values that reproduce qlora-kit's layers. With expert projections
+    (`target_parameters`), lora_dropout is written as 0: PEFT refuses dropout there (it cannot apply it to a
+    weight), and dropout is training's business; the recipe saved next to the adapter keeps the real value."""
+    config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
@@ -58,13 +70,16 @@ def adapter_config(lora: LoraConfig, target_modules: list[str], base_model: str)
         "use_dora": False,
         "revision": None,
     }
+    if target_parameters:
+        config.update(target_parameters=target_parameters, lora_dropout=0.0)
+    return config
 
 
 def save_adapter(model: nn.Module, out_dir: Path, config: dict, extra_files: dict[str, str] | None = None,
                  lora_tensors: dict[str, torch.Tensor] | None = None) -> None:
     """Write the adapter to `out_dir` atomically: a crash mid-save never leaves a half-written adapter there.
     `lora_tensors`: the LoRA weights when `model` holds only a shard of them (FSDP gathers them first)."""
-    lora = lora_state_dict(model) if lora_tensors is None else lora_tensors
+    lora = experts.to_peft_names(lora_state_dict(model) if lora_tensors is None else lora_tensors)
     tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in lora.items()}
     with staged_dir(Path(out_dir)) as tmp:
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
@@ -80,7 +95,9 @@ class Adapter:
     path: Path
     config: dict  # adapter_config.json
     metadata: dict  # qlora_kit.json, or {} for adapters made elsewhere (then NF4, double quant, block 64)
-    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (A (r x d_in), B (d_out x r))
+    # module name -> (A (r x d_in), B (d_out x r)); expert projections (`...experts.gate_up_proj`, named as in
+    # qlora-kit) -> (A (experts * r x d_in), B (d_out x r * experts)), PEFT's layout (see experts.py)
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
     @property
     def r(self) -> int:
@@ -109,16 +126,20 @@ class Adapter:
             raise UserError(f"{self.path / METADATA_NAME}: bad 'quant' settings ({e})") from None
         return quant
 
-    def check_fits(self, linears: dict[str, tuple[int, int]], base: str) -> None:
-        """Every adapted module is a linear of the base (`linears`: name -> (d_in, d_out)) of matching size."""
+    def check_fits(self, shapes: dict[str, tuple[int, int, int]], base: str) -> None:
+        """Every adapted module is a linear or expert projection of the base (`shapes`: name -> (copies, d_in,
+        d_out), `model.lora_shapes`) of matching size."""
         for module, (a, b) in self.pairs.items():
-            if module not in linears:
+            if module not in shapes:
                 raise UserError(f"{self.path}: adapter targets {module}, which is not a quantized linear layer of "
                                 f"{base}")
-            d_in, d_out = linears[module]
+            copies, d_in, d_out = shapes[module]
             if a.shape[1] != d_in or b.shape[0] != d_out:
                 raise UserError(f"{self.path}: {module} is {d_out} x {d_in} in {base}, but the adapter's B @ A is "
                                 f"{b.shape[0]} x {a.shape[1]}")
+            if a.shape[0] != copies * self.r:
+                raise UserError(f"{self.path}: {module} has {copies} experts in {base}, but the adapter has LoRA "
+                                f"pairs for {a.shape[0] // self.r}")
 
 
 def read_adapter(adapter_dir: Path) -> Adapter:
@@ -140,6 +161,7 @@ def read_adapter(adapter_dir: Path) -> Adapter:
         module, sep, which = name.rpartition(".lora_")
         if not sep or which not in ("A.weight", "B.weight"):
             raise UserError(f"{path}: unexpected tensor {key!r} (a LoRA adapter holds only lora_A / lora_B weights)")
+        module = experts.from_peft_name(module, config.get("target_parameters") or [])
         matrices.setdefault(module, {})[which[0]] = tensor
     if not matrices:
         raise UserError(f"{path}: holds no LoRA weights")
@@ -148,8 +170,9 @@ def read_adapter(adapter_dir: Path) -> Adapter:
         if m.keys() != {"A", "B"}:
             have, lack = ("A", "B") if "A" in m else ("B", "A")
             raise UserError(f"{path}: {module} has lora_{have} but no lora_{lack}")
-        a, b = m["A"], m["B"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != config["r"] or b.shape[1] != config["r"]:
+        a, b = m["A"], m["B"]  # expert projections: r rows and columns per expert
+        if (a.dim() != 2 or b.dim() != 2 or a.shape[0] % config["r"] or b.shape[1] != a.shape[0]
+                or a.shape[0] != config["r"] and not experts.is_projection(module)):
             raise UserError(f"{path}: {module} has A {tuple(a.shape)} and B {tuple(b.shape)}, which do not have "
                             f"the rank r={config['r']} that {CONFIG_NAME} gives")
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
@@ -199,11 +222,12 @@ def load_adapter_weights(model: nn.Module, adapter_dir: Path) -> None:
 def install_adapter(model: nn.Module, adapter: Adapter) -> None:
     """Copy an adapter's matrices into the model's LoRA layers; every LoRA layer must be matched, both ways."""
     layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    layers |= experts.lora_projections(model)
     missing = sorted(layers.keys() - adapter.pairs.keys())
     if missing:
         raise UserError(f"{adapter.path}: adapter does not fit this model: no weights for {len(missing)} LoRA "
                         f"layers ({', '.join(missing[:3])})")
-    adapter.check_fits({n: (m.in_features, m.out_features) for n, m in layers.items()}, "this model")
+    adapter.check_fits({n: (getattr(m, "num_experts", 1), *_in_out(m)) for n, m in layers.items()}, "this model")
     if any(m.r != adapter.r for m in layers.values()):
         raise UserError(f"{adapter.path}: rank r={adapter.r}, but the model's LoRA layers have another rank")
     with torch.no_grad():
@@ -211,3 +235,8 @@ def install_adapter(model: nn.Module, adapter: Adapter) -> None:
             a, b = adapter.pairs[name]
             layer.lora_A.weight.copy_(a)
             layer.lora_B.weight.copy_(b)
+
+
+def _in_out(layer: nn.Module) -> tuple[int, int]:
+    return (layer.d_in, layer.d_out) if isinstance(layer, experts.PackedExperts) else (layer.in_features,
+                                                                                         layer.out_features)

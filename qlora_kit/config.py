@@ -132,7 +132,8 @@ class LoraConfig:
     # The update is scaled by alpha / r (alpha / sqrt(r) with rslora); alpha = 2r is the common choice.
     alpha: float = 32.0
     dropout: float = 0.05
-    # `all-linear` (every quantized linear, the QLoRA paper's advice) or a list of names / regexes.
+    # `all-linear` (every quantized linear, the QLoRA paper's advice; in MoE models every expert too, one pair per
+    # expert) or a list of names / regexes (`experts` names an MoE block's experts).
     target_modules: str | list[str] = "all-linear"
     # Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023): keeps the update size stable as r grows.
     use_rslora: bool = False

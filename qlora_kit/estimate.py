@@ -26,6 +26,7 @@ import torch
 
 from qlora_kit.config import Recipe
 from qlora_kit.errors import UserError
+from qlora_kit.experts import MOE_UNSUPPORTED
 from qlora_kit.lora import lora_dtype_for, select_targets
 from qlora_kit.memory import human_bytes
 from qlora_kit.model import compute_dtype_for
@@ -52,12 +53,35 @@ class Shape:
     head_dim: int
     max_position_embeddings: int
     linears: dict[str, tuple[int, int]]  # full name -> (d_in, d_out) of each quantized linear
-    dense_params: int  # embeddings, head (unless tied), norms, biases: kept in the compute dtype
+    dense_params: int  # embeddings, head (unless tied), norms, biases, MoE routers: kept in the compute dtype
     config: dict = field(default_factory=dict, repr=False)  # the config.json fields it came from
+    # mixture of experts: expert projection -> (experts, d_in, d_out), each expert quantized (experts.py)
+    experts: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    experts_per_token: int = 0
 
     @property
     def quantized_params(self) -> int:
-        return sum(d_in * d_out for d_in, d_out in self.linears.values())
+        return (sum(d_in * d_out for d_in, d_out in self.linears.values())
+                + sum(n * d_in * d_out for n, d_in, d_out in self.experts.values()))
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token computes with: all but the experts it is not routed to."""
+        idle = sum((n - self.experts_per_token) * d_in * d_out for n, d_in, d_out in self.experts.values())
+        return self.quantized_params + self.dense_params - idle
+
+    @property
+    def num_experts(self) -> int:
+        return max((n for n, _, _ in self.experts.values()), default=0)
+
+    @property
+    def expert_intermediate(self) -> int:
+        """Each expert's intermediate width (the down projection's d_in); 0 for dense models."""
+        return max((d_in for name, (_, d_in, _) in self.experts.items() if name.endswith("down_proj")), default=0)
+
+    def lora_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """(copies, d_in, d_out) of everything LoRA may target, as `model.lora_shapes` gives them."""
+        return {n: (1, d_in, d_out) for n, (d_in, d_out) in self.linears.items()} | self.experts
 
 
 def shape_from_config(config: dict, name: str) -> Shape:
@@ -66,6 +90,7 @@ def shape_from_config(config: dict, name: str) -> Shape:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from qlora_kit.experts import check_supported, expert_shapes
     from qlora_kit.model import linear_shapes
 
     c = config.get("text_config", config)
@@ -73,15 +98,18 @@ def shape_from_config(config: dict, name: str) -> Shape:
         heads = c["num_attention_heads"]
         with init_empty_weights(include_buffers=True):
             model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**{**config, **c}), dtype=torch.bfloat16)
-        linears = linear_shapes(model)
+        check_supported(model)  # an MoE layout training would refuse is refused here too
+        linears, experts = linear_shapes(model), expert_shapes(model)
         model.tie_weights()  # as loading does: a tied head is counted once
-        dense = sum(p.numel() for n, p in model.named_parameters() if n.removesuffix(".weight") not in linears)
+        dense = sum(p.numel() for n, p in model.named_parameters()
+                    if n.removesuffix(".weight") not in linears and n not in experts)
         return Shape(name=name, vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
                      intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"], num_heads=heads,
                      num_kv_heads=c.get("num_key_value_heads") or heads,
                      head_dim=c.get("head_dim") or c["hidden_size"] // heads,
                      max_position_embeddings=c.get("max_position_embeddings", 4096), linears=linears,
-                     dense_params=dense, config=config)
+                     dense_params=dense, config=config, experts=experts,
+                     experts_per_token=c.get("num_experts_per_tok", 0) if experts else 0)
     except (KeyError, ValueError) as e:
         raise UserError(f"{name}: config.json cannot be built as a decoder-only LLM ({e}); the estimate needs one"
                         ) from None
@@ -128,6 +156,8 @@ def estimate(recipe: Recipe, shape: Shape, device: str = "cuda", shards: int = 1
     """Predicted peak memory per process of `recipe` on `shape`; `shards`: FSDP processes sharding the model;
     `offload`: FSDP keeps the shards (weights, LoRA, gradients, optimizer states) in CPU memory."""
     t, lora, q = recipe.train, recipe.lora, recipe.quant
+    if shape.experts and (shards > 1 or t.offload_base):
+        raise UserError(MOE_UNSUPPORTED)
     # 4 bits a weight, an 8-bit absmax a block of 64 and (double quantization) an fp32 scale per 256 blocks:
     # 4 + 8/64 + 32/(64*256) = 4.127 bits; without double quantization an fp32 absmax a block: 4.5 bits.
     quant_bits = 4 + 8 / q.blocksize + 32 / (q.blocksize * 256) if q.double_quant else 4 + 32 / q.blocksize
@@ -139,13 +169,15 @@ def estimate(recipe: Recipe, shape: Shape, device: str = "cuda", shards: int = 1
     # The layer being backpropagated: what its recompute saved, the gradients flowing through it, and (GPU code
     # path) its largest weight dequantized for the input gradient.
     layer = tokens * per_token_layer_bytes(shape, cb, lora.dropout > 0)
-    layer += max(d_in * d_out for d_in, d_out in shape.linears.values()) * cb if device == "cuda" else 0
+    layer += max(d_in * d_out for _, d_in, d_out in shape.lora_shapes().values()) * cb if device == "cuda" else 0
     h = shape.hidden_size
     # head output and gradient in the compute dtype, + 12 bytes an entry in fp32 (the loss's copy and its
     # temporaries): alive while the loss is backpropagated, before any layer is.
     logits = logit_tokens(tokens, shape.vocab_size) * shape.vocab_size * (2 * cb + 12)
+    expert_params = shape.quantized_params - sum(d_in * d_out for d_in, d_out in shape.linears.values())
     parts = {
-        "4-bit weights": int(shape.quantized_params * quant_bits / 8) // shards,
+        "4-bit weights": int((shape.quantized_params - expert_params) * quant_bits / 8) // shards,
+        **({"4-bit expert weights": int(expert_params * quant_bits / 8)} if expert_params else {}),
         "embeddings, head, norms": shape.dense_params * cb // shards,
         "LoRA weights": lora_params * lora_bytes // shards,
         "LoRA gradients": lora_params * lora_bytes // shards,
@@ -171,6 +203,9 @@ def estimate(recipe: Recipe, shape: Shape, device: str = "cuda", shards: int = 1
     else:
         parts["Python process"] = CPU_PROCESS
     notes = ["logits: every position a label (text data), at most one loss chunk at a time"]
+    if expert_params:
+        notes.append(f"mixture of experts: each expert quantized on its own ({gib(expert_params * 2)} in 16 bits); "
+                     f"activations count each token once per routed expert ({shape.experts_per_token})")
     if offload:
         notes.append(f"CPU memory for the offloaded shards: {gib(host)} per process")
     if t.offload_base:
@@ -195,19 +230,28 @@ def per_token_layer_bytes(shape: Shape, cb: int, dropout: bool) -> int:
     output; the MLP's gate, up and SiLU outputs; with dropout, each LoRA input's dropped-out copy and its mask
     (one byte an entry; the CPU's dropped indices take less), without it the norms' outputs and the MLP product
     the LoRA functions keep. Plus the gradients flowing through the layer (its input's and the widest input's).
+
+    A mixture-of-experts layer computes its MLP once per routed expert (experts_per_token of them, each
+    expert_intermediate wide), on its own copy of the token's hidden state, whose output is kept for the
+    routing weight's product; the router's probabilities are fp32.
     """
-    h, i = shape.hidden_size, shape.intermediate_size
+    h, k = shape.hidden_size, shape.experts_per_token
+    i = k * shape.expert_intermediate if k else shape.intermediate_size
     q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     norms = 2 * 4 * h
     saved = cb * (2 * q + 2 * kv + 3 * i)
-    inputs = (cb + 1) * (5 * h + q + i) if dropout else cb * (2 * h + i)
+    mlp_in = k * h if k else 2 * h  # the MLP's LoRA inputs: each route's copy of the token, or gate's and up's
+    inputs = (cb + 1) * (3 * h + q + mlp_in + i) if dropout else cb * (h + (mlp_in if k else h) + i)
+    routed = cb * k * h + 4 * shape.num_experts if k else 0
     grads = cb * (h + i)
-    return norms + saved + inputs + grads
+    return norms + saved + inputs + routed + grads
 
 
 def lora_parameter_count(shape: Shape, r: int, target_modules: str | list[str]) -> int:
-    """LoRA parameters on the linears training would target (`lora.select_targets`)."""
-    return sum(r * sum(shape.linears[n]) for n in select_targets(list(shape.linears), target_modules))
+    """LoRA parameters on the linears and expert projections training would target (`lora.select_targets`)."""
+    shapes = shape.lora_shapes()
+    return sum(r * copies * (d_in + d_out) for copies, d_in, d_out in (shapes[n] for n in
+                                                                       select_targets(list(shapes), target_modules)))
 
 
 def largest_fitting(recipe: Recipe, shape: Shape, budget: int, device: str = "cuda", shards: int = 1,
@@ -263,7 +307,9 @@ def format_estimate(recipe: Recipe, shape: Shape, est: Estimate, budget: int | N
     where += ", shards offloaded to CPU" if est.offload else ""
     lines = [f"model {shape.name}: {shape.num_layers} layers, hidden {shape.hidden_size}, "
              f"{(shape.quantized_params + shape.dense_params) / 1e9:.2f} B parameters "
-             f"({shape.quantized_params / 1e9:.2f} B in 4-bit)",
+             f"({shape.quantized_params / 1e9:.2f} B in 4-bit)"
+             + (f"; mixture of experts: {shape.num_experts} experts, {shape.experts_per_token} a token, "
+                f"{shape.active_params / 1e9:.2f} B parameters active a token" if shape.experts else ""),
              f"run: micro_batch_size {t.micro_batch_size} x seq_len {t.seq_len}, LoRA r {recipe.lora.r} "
              f"({lora_parameter_count(shape, recipe.lora.r, recipe.lora.target_modules) / 1e6:.1f} M parameters), "
              f"{recipe.optim.name}, checkpointing {'on' if t.gradient_checkpointing else 'off'}",

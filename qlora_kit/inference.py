@@ -18,10 +18,10 @@ from qlora_kit.model import (
     LoadedModel,
     checkpoint_files,
     compute_dtype_for,
-    linear_shapes,
     load_config,
     load_quantized,
     load_tokenizer,
+    lora_shapes,
 )
 from qlora_kit.model_paths import resolve_model_path
 
@@ -37,7 +37,7 @@ def load_adapter_model(adapter_dir: Path, device: torch.device, compute_dtype: s
     adapter = adapter_io.read_adapter(adapter_dir)
     base = resolve_model_path(adapter.base_path(model_path))
     loaded = load_quantized(base, adapter.quant(compute_dtype), device, quantize_from=quantize_from)
-    adapter.check_fits(linear_shapes(loaded.model), str(base))  # before allocating LoRA layers of any size
+    adapter.check_fits(lora_shapes(loaded.model), str(base))  # before allocating LoRA layers of any size
     add_lora(loaded.model, sorted(adapter.pairs), adapter.r, adapter.config["lora_alpha"], 0.0,
              bool(adapter.config.get("use_rslora")), lora_dtype_for(loaded.compute_dtype))
     adapter_io.install_adapter(loaded.model, adapter)

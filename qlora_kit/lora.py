@@ -22,7 +22,7 @@ import re
 import torch
 from torch import nn
 
-from qlora_kit import nf4
+from qlora_kit import experts, nf4
 from qlora_kit.errors import UserError
 from qlora_kit.fused import lora_4bit
 
@@ -94,21 +94,28 @@ def _device_of(module: nn.Module) -> torch.device:
 def select_targets(candidates: list[str], target_modules: str | list[str]) -> list[str]:
     """Which of the candidate linear names get LoRA.
 
-    `all-linear` takes them all. Otherwise each entry is a module name, matched as PEFT does (the full name or
-    its last components, `q_proj` matches `model.layers.0.self_attn.q_proj`), or else a regex matched against
-    the full name. An entry that matches nothing is an error: a typo must not silently train fewer layers.
+    `all-linear` takes them all, expert projections included (each is a linear map per expert). Otherwise each
+    entry is a module name, matched as PEFT does (the full name or its last components, `q_proj` matches
+    `model.layers.0.self_attn.q_proj`), or else a regex matched against the full name; an MoE block's experts
+    module (`experts`, `mlp.experts`) names both its projections. An entry that matches nothing is an error: a
+    typo must not silently train fewer layers.
     """
     if target_modules == "all-linear":
         return list(candidates)
     chosen: set[str] = set()
     for entry in target_modules:
-        hits = [n for n in candidates if n == entry or n.endswith("." + entry) or _fullmatch(entry, n)]
+        hits = [n for n in candidates if n == entry or n.endswith("." + entry) or _fullmatch(entry, n)
+                or experts.is_projection(n) and _names_block(entry, n.rpartition(".")[0])]
         if not hits:
             leaf_names = sorted({n.rsplit(".", 1)[-1] for n in candidates})
             raise UserError(f"'lora.target_modules': {entry!r} matches no linear layer; the model's linear "
                             f"layers are named {', '.join(leaf_names)}")
         chosen.update(hits)
     return [n for n in candidates if n in chosen]
+
+
+def _names_block(entry: str, block: str) -> bool:
+    return block == entry or block.endswith("." + entry)
 
 
 def _fullmatch(pattern: str, name: str) -> bool:
@@ -120,12 +127,17 @@ def _fullmatch(pattern: str, name: str) -> bool:
 
 def add_lora(model: nn.Module, targets: list[str], r: int, alpha: float, dropout: float,
              use_rslora: bool, dtype: torch.dtype) -> None:
-    """Wrap each target linear in a `LoRALinear` (in place) and leave only LoRA tensors trainable."""
+    """Wrap each target linear in a `LoRALinear` (in place), give each targeted expert projection a LoRA pair per
+    expert (experts.py), and leave only LoRA tensors trainable."""
     model.requires_grad_(False)
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout, use_rslora, dtype))
+        module = getattr(parent, child)
+        if isinstance(module, experts.PackedExperts):
+            module.add_lora(r, lora_scale(r, alpha, use_rslora), dropout, dtype)
+        else:
+            setattr(parent, child, LoRALinear(module, r, alpha, dropout, use_rslora, dtype))
     for name, param in model.named_parameters():
         param.requires_grad = is_lora(name)
 

@@ -28,13 +28,14 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from qlora_kit import adapter as adapter_io
+from qlora_kit import experts
 from qlora_kit.config import QuantConfig
 from qlora_kit.cpu import return_large_frees_to_os
 from qlora_kit.errors import MergeCheckError, UserError
 from qlora_kit.files import check_free_space, exclusive, remove_leftovers, staged_dir
 from qlora_kit.inference import load_adapter_model
 from qlora_kit.memory import peak_memory_bytes
-from qlora_kit.model import checkpoint_files, default_device, linear_shapes, meta_model
+from qlora_kit.model import checkpoint_files, default_device, linear_shapes, lora_shapes, meta_model
 from qlora_kit.model_paths import resolve_model_path
 from qlora_kit.nf4 import quantize_roundtrip
 
@@ -61,6 +62,8 @@ class MergeInputs:
     quant: QuantConfig
     compute_dtype: torch.dtype
     quant_device: torch.device
+    model_type: str = ""
+    experts: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # MoE expert projections (experts.py)
 
 
 @dataclass
@@ -88,10 +91,11 @@ def read_merge_inputs(adapter_dir: Path, model_path: str | None = None) -> Merge
     device = torch.device("cuda" if adapter.metadata.get("quant_device") == "cuda" else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         device = torch.device("cpu")  # same algorithm; bit-identity with a GPU-trained run is then not promised
-    linears = linear_shapes(meta_model(base_path))
-    adapter.check_fits(linears, str(base_path))
-    return MergeInputs(base_path, adapter.path, adapter.pairs, adapter.scale, set(linears), quant, DTYPES[compute],
-                     device)
+    meta = meta_model(base_path)
+    experts.check_supported(meta)
+    adapter.check_fits(lora_shapes(meta), str(base_path))
+    return MergeInputs(base_path, adapter.path, adapter.pairs, adapter.scale, set(linear_shapes(meta)), quant,
+                       DTYPES[compute], device, meta.config.model_type, experts.expert_shapes(meta))
 
 
 def merge(adapter_dir: Path, out_dir: Path, dtype: str = "float16", base: str = "dequantized",
@@ -188,10 +192,14 @@ def merged_tensors(inputs: MergeInputs, out_dtype: torch.dtype | None, base: str
     and nothing is kept, so a consumer that writes each tensor out holds one of them at a time.
     `out_dtype=None`: merged weights in float32, every other tensor as stored (for a consumer that casts)."""
     report = report if report is not None else MergeReport(dtype=str(out_dtype), base=base)
+    expert_merge = ExpertMerge(inputs, out_dtype, base, report, check)
     for file in checkpoint_files(inputs.base_path):
         with safe_open(inputs.base_path / file, framework="pt", device="cpu") as f:
             for name in f.keys():
-                yield name, _merged_tensor(inputs, name, f.get_tensor(name), out_dtype, base, report, check)
+                tensor = expert_merge(name, f.get_tensor(name))
+                if tensor is None:
+                    tensor = _merged_tensor(inputs, name, f.get_tensor(name), out_dtype, base, report, check)
+                yield name, tensor
 
 
 def _merged_tensor(inputs: MergeInputs, name: str, tensor: torch.Tensor, out_dtype: torch.dtype | None, base: str,
@@ -201,16 +209,68 @@ def _merged_tensor(inputs: MergeInputs, name: str, tensor: torch.Tensor, out_dty
         return tensor
     if attr != "weight" or module not in inputs.quantized:
         return _cast(tensor, out_dtype, name)
+    pair = inputs.loras.get(module)
+    merged, dequantized = _merged_weight(inputs, tensor, pair, base)
+    merged = _cast(merged, out_dtype or torch.float32, name)
+    if check and pair is not None:
+        _check_layer(inputs, module, merged, dequantized, pair, base, report)
+    return merged
+
+
+def _merged_weight(inputs: MergeInputs, tensor: torch.Tensor, pair: tuple[torch.Tensor, torch.Tensor] | None,
+                   base: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_base + scale * B @ A in fp32, the dequantized weight) for one 4-bit matrix and its LoRA pair (or None)."""
     original = tensor.to(inputs.compute_dtype)  # training cast to the compute dtype before quantizing
     dequantized = quantize_roundtrip(original, inputs.quant, inputs.quant_device).cpu()
     weight = (dequantized if base == "dequantized" else original).float()
-    if module in inputs.loras:
-        a, b = (t.float() for t in inputs.loras[module])
+    if pair is not None:
+        a, b = (t.float() for t in pair)
         weight = weight + inputs.scale * (b @ a)
-    merged = _cast(weight, out_dtype or torch.float32, name)
-    if check and module in inputs.loras:
-        _check_layer(inputs, module, merged, dequantized, base, report)
-    return merged
+    return weight, dequantized
+
+
+class ExpertMerge:
+    """Merges MoE expert weights (experts.py), each expert's matrix as one 4-bit weight, written in the
+    checkpoint's own layout: a fused (experts, out, in) tensor expert by expert; one tensor per expert and
+    projection (`experts.3.w1.weight`) as it comes, except that gate and up were quantized together (one
+    matrix per expert, as training did), so the first of the two reads its other half and the merged matrix
+    waits for the second. The parity check covers every expert."""
+
+    def __init__(self, inputs: MergeInputs, out_dtype: torch.dtype | None, base: str, report: MergeReport,
+                 check: bool) -> None:
+        self.inputs, self.out_dtype, self.base, self.report, self.check = inputs, out_dtype, base, report, check
+        self.waiting: dict[tuple[str, int], torch.Tensor] = {}
+        self.blocks = {name.rpartition(".")[0] for name in inputs.experts}
+        self.files = _tensor_files(inputs.base_path) if inputs.experts else {}
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor | None:
+        """The merged tensor for `name`, or None for a tensor that is no expert's."""
+        inputs = self.inputs
+        slot = experts.checkpoint_slot(inputs.model_type, self.blocks, name)
+        if slot is None:
+            return None
+        stack, e, half = slot
+        if e is None:
+            return torch.stack([self._merged(name, stack, i, w) for i, w in enumerate(tensor)])
+        if half is None:
+            return self._merged(name, stack, e, tensor)
+        merged = self.waiting.pop((stack, e), None)
+        if merged is None:
+            other = _read_tensor(inputs.base_path, self.files, experts.other_half(inputs.model_type, name))
+            merged = self._merged(name, stack, e, torch.cat([tensor, other] if half == 0 else [other, tensor]))
+            self.waiting[(stack, e)] = merged
+        rows = merged.shape[0] // 2
+        return (merged[:rows] if half == 0 else merged[rows:]).contiguous()
+
+    def _merged(self, name: str, stack: str, expert: int, tensor: torch.Tensor) -> torch.Tensor:
+        pair = self.inputs.loras.get(stack)
+        if pair is not None:
+            pair = experts.expert_pair(*pair, expert, self.inputs.experts[stack][0])
+        weight, dequantized = _merged_weight(self.inputs, tensor, pair, self.base)
+        merged = _cast(weight, self.out_dtype or torch.float32, name)
+        if self.check and pair is not None:
+            _check_layer(self.inputs, stack, merged, dequantized, pair, self.base, self.report)
+        return merged
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
@@ -226,14 +286,16 @@ def within_fp16(tensor: torch.Tensor) -> bool:
     return bool(low >= -FP16_MAX) and bool(high <= FP16_MAX)
 
 
-def _check_layer(inputs: MergeInputs, module: str, merged: torch.Tensor, dequantized: torch.Tensor, base: str,
-                 report: MergeReport) -> None:
-    """`merged @ x` against `dequant(W4) @ x + lora(x)` on random inputs, relative to the largest output."""
-    a, b = (t.float() for t in inputs.loras[module])
+def _check_layer(inputs: MergeInputs, module: str, merged: torch.Tensor, dequantized: torch.Tensor,
+                 pair: tuple[torch.Tensor, torch.Tensor], base: str, report: MergeReport) -> None:
+    """`merged @ x` against `dequant(W4) @ x + lora(x)` on random inputs, relative to the largest output. An expert
+    projection reports its worst expert."""
+    a, b = (t.float() for t in pair)
     x = torch.randn(8, merged.shape[1], generator=torch.Generator().manual_seed(0))
     reference = x @ dequantized.float().T + inputs.scale * (x @ a.T) @ b.T
     ours = x @ merged.float().T
     error = ((ours - reference).abs().max() / reference.abs().max().clamp_min(1e-12)).item()
+    error = max(error, report.layers.get(module, 0.0))
     report.layers[module] = error
     if base == "original":
         report.quantization_error[module] = error  # what merging into weights the adapter never saw costs
@@ -265,6 +327,22 @@ def _check_logits(inputs: MergeInputs, out: Path, out_dtype: torch.dtype, report
         report.passed = False
         report.failures.append(f"logits differ by {report.logits_max_abs_diff:.2e} (max |logit| "
                                f"{report.logits_max_abs:.2f})")
+
+
+def _tensor_files(path: Path) -> dict[str, str]:
+    """Which shard holds each tensor of a checkpoint."""
+    files = {}
+    for file in checkpoint_files(path):
+        with safe_open(path / file, framework="pt", device="cpu") as f:
+            files.update(dict.fromkeys(f.keys(), file))
+    return files
+
+
+def _read_tensor(path: Path, files: dict[str, str], name: str) -> torch.Tensor:
+    if name not in files:
+        raise UserError(f"{path}: checkpoint has {name.rpartition('.')[0]}'s other half missing ({name})")
+    with safe_open(path / files[name], framework="pt", device="cpu") as f:
+        return f.get_tensor(name)
 
 
 def _checkpoint_bytes(path: Path) -> int:

@@ -28,7 +28,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from qlora_kit import nf4
+from qlora_kit import experts, nf4
 from qlora_kit.attention import use_segment_attention
 from qlora_kit.config import QuantConfig
 from qlora_kit.cpu import streaming_allocations
@@ -46,7 +46,7 @@ class LoadedModel:
     path: Path
     compute_dtype: torch.dtype
     offload: OffloadedLayers | None = None  # set by `train.build_model` with `train.offload_base`
-    linears: list[str] = field(default_factory=list)  # the quantized linears (set by `train.build_model`)
+    linears: list[str] = field(default_factory=list)  # quantized linears and expert projections (`lora_shapes`)
     targets: list[str] = field(default_factory=list)  # those with LoRA (PEFT's `target_modules` needs both)
 
 
@@ -87,7 +87,12 @@ def load_quantized(path: Path, quant: QuantConfig, device: torch.device, trust_r
     packed shape (FSDP's other processes, which receive the weights from the main one)."""
     dtype = compute_dtype_for(quant.compute_dtype, device)
     model = meta_model(path, dtype, trust_remote_code)
+    experts.check_supported(model)
+    if experts.expert_blocks(model) and (keep_4bit_on_host or not read_weights and device.type != "meta"):
+        raise UserError(experts.MOE_UNSUPPORTED)
+    experts.swap_in_4bit(model, quant, dtype, device if read_weights else torch.device("meta"))
     if not read_weights:  # on the meta device (the memory trace) the shells get meta quantization states too
+        experts.fill_meta(model, quantize_from or dtype)
         for name in quantizable_linears(model):
             linear = model.get_submodule(name)
             weight = (torch.empty(linear.out_features, linear.in_features, dtype=quantize_from or dtype,
@@ -110,8 +115,10 @@ def _fill_weights(model: PreTrainedModel, path: Path, quant: QuantConfig, dtype:
     config = model.config
     quantized = set(quantizable_linears(model))
     keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or []
+    expert_weights = experts.CheckpointExperts(model, quantize_from)
     for name, tensor in _stream_checkpoint(path):
-        if _IGNORED_KEYS.match(name):
+        name = expert_weights.rename(name)
+        if _IGNORED_KEYS.match(name) or expert_weights.take(name, tensor):
             continue
         module_name, _, param = name.rpartition(".")
         if module_name in quantized and param == "weight":
@@ -123,6 +130,7 @@ def _fill_weights(model: PreTrainedModel, path: Path, quant: QuantConfig, dtype:
             target = target if tensor.is_floating_point() else tensor.dtype
             # copy=True: own the memory rather than keep a view into the shard's memory map
             _assign(model, name, tensor.to(device=device, dtype=target, copy=True))
+    expert_weights.check_complete(path)
     if getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings", False):
         model.tie_weights()
     for buffer_owner in model.modules():  # buffers were built on the CPU
@@ -161,6 +169,13 @@ def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     """(d_in, d_out) of each linear that gets quantized (and may get LoRA), by name; works on meta models too."""
     names = set(quantizable_linears(model))
     return {n: (m.in_features, m.out_features) for n, m in model.named_modules() if n in names}
+
+
+def lora_shapes(model: nn.Module) -> dict[str, tuple[int, int, int]]:
+    """(copies, d_in, d_out) of everything LoRA may target, by name: each quantized linear (one copy) and each
+    expert projection (one LoRA pair per expert)."""
+    shapes = {n: (1, d_in, d_out) for n, (d_in, d_out) in linear_shapes(model).items()}
+    return shapes | experts.expert_shapes(model)
 
 
 def checkpoint_files(path: Path) -> list[str]:

@@ -115,14 +115,26 @@ def dequantize(weight: torch.Tensor, state: QuantState, dtype: torch.dtype) -> t
     return dequantize_4bit(weight, flat).to(dtype)
 
 
+def quantize(weight: torch.Tensor, quant: QuantConfig, device: torch.device) -> tuple[torch.Tensor, QuantState]:
+    """`weight` (2-D) quantized on `device` exactly as `Params4bit.to` quantizes a layer's weight: packed codes
+    (shape (numel / 2 / storage itemsize, 1)) and their state. On the meta device (the memory trace) too."""
+    if weight.is_meta:  # bitsandbytes' code table must not be first made on the meta device: see quantized_linear
+        bnb.functional.name2qmap.setdefault("dynamic", bnb.functional.create_dynamic_map())
+    return bnb.functional.quantize_4bit(weight.contiguous().to(device), blocksize=quant.blocksize,
+                                        compress_statistics=quant.double_quant, quant_type=quant.quant_type,
+                                        quant_storage=getattr(torch, quant.storage_dtype))
+
+
 def quantize_roundtrip(weight: torch.Tensor, quant: QuantConfig, device: torch.device) -> torch.Tensor:
     """The weight a 4-bit layer computes with: `weight` quantized exactly as `quantized_linear` does, then
     dequantized (in `weight`'s dtype). Merging adds the adapter to this, not to the original weight."""
-    packed, state = bnb.functional.quantize_4bit(weight.contiguous().to(device), blocksize=quant.blocksize,
-                                                 compress_statistics=quant.double_quant,
-                                                 quant_type=quant.quant_type,
-                                                 quant_storage=getattr(torch, quant.storage_dtype))
-    return dequantize_4bit(packed, state)
+    return dequantize_4bit(*quantize(weight, quant, device))
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """x @ W^T for packed codes `weight` (as `quantize` returns them) through bitsandbytes' autograd function,
+    which keeps the packed codes, not the dequantized weight, for the backward (what `Linear4bit.forward` does)."""
+    return bnb.matmul_4bit(x, weight.t(), quant_state=state)
 
 
 def split_state(state: QuantState) -> tuple[tuple[torch.Tensor | None, ...], tuple]:

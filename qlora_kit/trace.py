@@ -33,6 +33,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from qlora_kit import attention, fused, nf4
 from qlora_kit.batching import collate, collate_padding_free, collate_rows
 from qlora_kit.config import Recipe
+from qlora_kit.experts import PackedExperts
 from qlora_kit.loss import token_loss_sum
 from qlora_kit.model import compute_dtype_for
 from qlora_kit.optim import build_optimizer
@@ -129,6 +130,9 @@ class MemoryTrace(TorchDispatchMode):
             kinds[p.untyped_storage()._cdata] = kind
             if p.grad is not None:
                 kinds[p.grad.untyped_storage()._cdata] = "LoRA gradients"
+        for m in self.model.modules():  # MoE experts (experts.py): 4-bit codes and scales held as buffers
+            for b in m.buffers(recurse=False) if isinstance(m, PackedExperts) else ():
+                kinds[b.untyped_storage()._cdata] = "4-bit weights"
         for b in self.model.buffers():
             kinds.setdefault(b.untyped_storage()._cdata, "embeddings, head, norms")
         for t in self.state_tensors():

@@ -41,7 +41,7 @@ from qlora_kit.fused import checkpoint_contexts
 from qlora_kit.lora import add_lora, lora_dtype_for, select_targets
 from qlora_kit.loss import token_loss_sum
 from qlora_kit.memory import available_memory_bytes, human_bytes, peak_memory_bytes
-from qlora_kit.model import LoadedModel, linear_shapes, load_quantized, load_tokenizer, quantizable_linears
+from qlora_kit.model import LoadedModel, load_quantized, load_tokenizer, lora_shapes
 from qlora_kit.model_paths import resolve_model_path
 from qlora_kit.offload import OffloadedLayers, decoder_layers
 from qlora_kit.optim import build_optimizer, build_scheduler
@@ -254,7 +254,7 @@ def build_model(recipe: Recipe, device: torch.device, model_dir: Path | None = N
     loaded = load_quantized(model_dir, recipe.quant, device, recipe.model.trust_remote_code, tokenizer,
                             keep_4bit_on_host=recipe.train.offload_base or keep_4bit_on_host,
                             read_weights=read_weights)
-    loaded.linears = quantizable_linears(loaded.model)
+    loaded.linears = list(lora_shapes(loaded.model))
     loaded.targets = select_targets(loaded.linears, recipe.lora.target_modules)
     lora, lora_dtype = recipe.lora, lora_dtype_for(loaded.compute_dtype)
     check_lora_fits(loaded.model, loaded.targets, lora.r, lora_dtype, device)
@@ -271,8 +271,8 @@ def check_lora_fits(model: torch.nn.Module, targets: list[str], r: int, dtype: t
                     device: torch.device) -> None:
     """Refuse a rank whose LoRA weights, gradients and two fp32 Adam states cannot fit in the memory left,
     before allocating them: `lora.r=1e9` is a typo to report, not an out-of-memory crash minutes later."""
-    shapes = linear_shapes(model)
-    params = sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
+    shapes = lora_shapes(model)
+    params = sum(r * copies * (d_in + d_out) for copies, d_in, d_out in (shapes[t] for t in targets))
     needed = params * (2 * dtype.itemsize + 8)
     available = available_memory_bytes(device)
     if available is not None and needed > available:
@@ -282,10 +282,13 @@ def check_lora_fits(model: torch.nn.Module, targets: list[str], r: int, dtype: t
 
 def check_adapter_matches(recipe: Recipe, adapter_dir: Path, candidates: list[str], targets: list[str]) -> None:
     saved = adapter_io.read_adapter_config(adapter_dir)
-    ours = adapter_io.adapter_config(recipe.lora, adapter_io.peft_target_modules(targets, candidates), "")
+    modules, parameters = adapter_io.peft_targets(targets, candidates)
+    ours = adapter_io.adapter_config(recipe.lora, modules, "", parameters)
     keys = {"r": "lora.r", "lora_alpha": "lora.alpha", "use_rslora": "lora.use_rslora",
-            "target_modules": "lora.target_modules"}
+            "target_modules": "lora.target_modules", "target_parameters": "lora.target_modules"}
     saved["target_modules"] = sorted(saved.get("target_modules") or [])
+    saved["target_parameters"] = sorted(saved.get("target_parameters") or [])
+    ours["target_parameters"] = sorted(ours.get("target_parameters") or [])
     differ = [f"{key} (adapter {saved.get(k)!r}, recipe {ours[k]!r})"
               for k, key in keys.items() if saved.get(k) != ours[k]]
     if differ:
@@ -413,8 +416,8 @@ def save_run_adapter(recipe: Recipe, loaded: LoadedModel, adapter_dir: Path,
     """PEFT's two files, plus the recipe and how the base was quantized (so a merge can reproduce it).
     `tensors`: the LoRA weights, when the model holds only a shard of them (FSDP)."""
     base = str(loaded.path.resolve())
-    config = adapter_io.adapter_config(recipe.lora, adapter_io.peft_target_modules(loaded.targets, loaded.linears),
-                                       base)
+    modules, parameters = adapter_io.peft_targets(loaded.targets, loaded.linears)
+    config = adapter_io.adapter_config(recipe.lora, modules, base, parameters)
     device = next(p.device for p in loaded.model.parameters() if p.requires_grad)
     metadata = {"model_path": base, "quant": dataclasses.asdict(recipe.quant),
                 "compute_dtype": str(loaded.compute_dtype).removeprefix("torch."), "quant_device": device.type}

@@ -9,7 +9,18 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Gemma2Config, LlamaConfig, Phi3Config, Qwen2Config
+from safetensors.torch import save_file
+from transformers import (
+    AutoModelForCausalLM,
+    BitsAndBytesConfig,
+    Gemma2Config,
+    LlamaConfig,
+    MixtralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
+)
 
 from qlora_kit.model_paths import save_tiny_random
 
@@ -35,6 +46,35 @@ def make_tiny_model(out: Path, arch: str = "llama", tie: bool = False, dtype: to
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     return {arch: make_tiny_model(root / arch, arch) for arch in CONFIGS}
+
+
+# 8 (4) experts, 2 a token: small enough to run in seconds, enough that some experts get no token in a batch
+MOE_CONFIGS = {
+    "qwen3_moe": (Qwen3MoeConfig, dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16,
+                                       norm_topk_prob=True)),
+    "mixtral": (MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32)),
+    # a shared expert (plain linears) beside the routed ones, and a dense layer (mlp_only_layers)
+    "qwen2_moe": (Qwen2MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                       shared_expert_intermediate_size=48, mlp_only_layers=[1])),
+}
+
+
+def make_tiny_moe(out: Path, arch: str, layout: str) -> Path:
+    """A tiny random MoE model; `layout` "per_expert" as transformers saves it (`experts.0.w1.weight`: what most
+    hub checkpoints hold), "fused" as transformers 5 holds it (`experts.gate_up_proj`, one 3-D tensor)."""
+    config_class, shape = MOE_CONFIGS[arch]
+    save_tiny_random(out, config_class, **shape)
+    if layout == "fused":
+        state = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+        save_file({k: v.contiguous() for k, v in state.items()}, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_moe(tmp_path_factory) -> dict[tuple[str, str], Path]:
+    root = tmp_path_factory.mktemp("moe")
+    return {(arch, layout): make_tiny_moe(root / f"{arch}-{layout}", arch, layout)
+            for arch in MOE_CONFIGS for layout in ("per_expert", "fused")}
 
 
 @pytest.fixture(scope="session")

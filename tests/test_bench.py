@@ -63,4 +63,5 @@ def test_gpu_check_runs_its_checks_on_the_cpu(tmp_path):
     report = json.loads(out.read_text())
     assert report["fused_lora"]["passed"] and report["offload"]["passed"]
     assert report["step"]["tokens_per_s"] > 0 and report["memory"]["traced_bytes"] > 0
+    assert report["moe"]["tokens_per_s"] > 0 and report["moe"]["traced_bytes"] > 0 and report["moe"]["loss"] > 0
     assert report["versions"]["bitsandbytes"]

@@ -61,8 +61,9 @@ def test_shipped_shapes_count_what_transformers_builds(file):
     model.tie_weights()  # as loading does; parameters() then counts a tied head once
     linear = sum(m.weight.numel() for n, m in model.named_modules()
                  if isinstance(m, torch.nn.Linear) and ".layers." in n)
+    experts = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 3)  # MoE: all quantized
     total = sum(p.numel() for p in model.parameters())
-    assert shape.quantized_params == linear
+    assert shape.quantized_params == linear + experts
     assert shape.quantized_params + shape.dense_params == total
 
 
@@ -134,3 +135,28 @@ def test_recipe_headers_quote_the_current_estimate(recipe, capsys):
     assert main(args) == 0
     total = float(re.search(r"total\s+([0-9.]+) GiB", capsys.readouterr().out).group(1))
     assert total == quoted
+
+
+def test_qwen3_moe_on_24gb_fits_with_experts_in_4bit(capsys):
+    """The issue's acceptance check: Qwen3-30B-A3B's recipe fits 24 GiB, experts counted in 4 bits."""
+    root = Path(__file__).parent.parent
+    assert main(["estimate", str(root / "recipes/qwen3-30b-a3b.yaml"), "--gpu-memory", "24GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "30.53 B parameters (29.90 B in 4-bit)" in out and "3.35 B parameters active a token" in out
+    assert "4-bit expert weights" in out and "fits in 24.00 GiB" in out
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_moe_lora_count_equals_what_training_builds(tiny_moe, arch):
+    """The estimator's LoRA parameters on an MoE model (one pair per expert) are those training allocates."""
+    from qlora_kit.train import build_model
+
+    path = tiny_moe[arch, "fused"]
+    shape = shape_from_config(json.loads((path / "config.json").read_text()), arch)
+    for targets in ("all-linear", "[experts]", "[q_proj, experts.down_proj]"):
+        recipe = load_recipe(None, [f"model.path={path}", "lora.r=4", f"lora.target_modules={targets}"])
+        model = build_model(recipe, torch.device("cpu")).model
+        built = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        assert lora_parameter_count(shape, 4, recipe.lora.target_modules) == built, targets
+    quantized = sum(m.codes.numel() * 2 for m in model.modules() if hasattr(m, "codes"))  # two codes a byte
+    assert shape.quantized_params - sum(i * o for i, o in shape.linears.values()) == quantized

@@ -10,7 +10,9 @@ Weights are random (initialised from a shipped shape), so nothing is downloaded.
 3. one training step at 4 x 2048 tokens (padding-free, checkpointed), attention on the flash kernel where the GPU
    has it: loss, tokens/s, `torch.cuda.max_memory_allocated`;
 4. the same step with `train.offload_base`: loss and LoRA gradients against the step without it;
-5. the measured peak against the memory trace and the estimate of the same step.
+5. the measured peak against the memory trace and the estimate of the same step;
+6. mixture of experts: the same step on Qwen3-30B-A3B's shape cut to 2 layers (4-bit experts, LoRA on each):
+   loss, tokens/s, measured peak against trace and estimate.
 """
 
 from __future__ import annotations
@@ -80,17 +82,20 @@ def fused_lora_against_fp32(device: torch.device, dtype: torch.dtype) -> dict:
     return {"relative_errors": errors, "bound": bound, "passed": all(e <= bound for e in errors.values())}
 
 
-def random_model(out: Path, quick: bool) -> tuple[Path, dict]:
-    """Llama-3.1-8B's shape with 4 layers (the tiny test model with --quick), random weights, saved."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def random_model(out: Path, quick: bool, shape: str = "llama-3.1-8b", layers: int = 4) -> tuple[Path, dict]:
+    """A shipped shape (Llama-3.1-8B's by default) cut to `layers` layers (the tiny test model of its family with
+    --quick), random weights, saved."""
+    from transformers import AutoConfig, AutoModelForCausalLM, Qwen3MoeConfig
 
     from qlora_kit.estimate import SHAPES
     from qlora_kit.model_paths import byte_level_tokenizer, save_tiny_random
 
     if quick:
-        path = save_tiny_random(out, num_hidden_layers=4)
+        moe = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16)
+        path = (save_tiny_random(out, Qwen3MoeConfig, num_hidden_layers=layers, **moe) if "a3b" in shape
+                else save_tiny_random(out, num_hidden_layers=layers))
         return path, json.loads((path / "config.json").read_text())
-    config = json.loads((SHAPES / "llama-3.1-8b.json").read_text())["config"] | {"num_hidden_layers": 4}
+    config = json.loads((SHAPES / f"{shape}.json").read_text())["config"] | {"num_hidden_layers": layers}
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
@@ -148,6 +153,9 @@ def main(argv=None) -> None:
         with context:
             plain = one_step(model_dir, common, device)
             offloaded = one_step(model_dir, [*common, "train.offload_base=true"], device)
+        moe_dir, moe_config = random_model(Path(work) / "moe", args.quick, "qwen3-30b-a3b", layers=2)
+        with context:
+            moe = one_step(moe_dir, common, device)
     worst = max((offloaded["grads"][k] - g).abs().max().item() / max(g.abs().max().item(), 1e-12)
                 for k, g in plain["grads"].items())
     report["step"] = {k: plain[k] for k in ("loss", "tokens_per_s", "seconds", "peak_mem_bytes")}
@@ -160,6 +168,9 @@ def main(argv=None) -> None:
     report["memory"] = {"measured_peak_bytes": plain["peak_mem_bytes"], "traced_bytes": traced,
                         "estimated_bytes": est.total, "measured": "max_memory_allocated" if device.type == "cuda"
                         else "peak RSS of this process (the CPU has no allocator to ask)"}
+    report["moe"] = {k: moe[k] for k in ("loss", "tokens_per_s", "seconds", "peak_mem_bytes")} | {
+        "traced_bytes": trace_step(moe["recipe"], moe_config).peak,
+        "estimated_bytes": estimate(moe["recipe"], shape_from_config(moe_config, "gpu_check moe"), device.type).total}
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 
