@@ -141,10 +141,12 @@ def _check_logits(path: Path, tokenizer: PreTrainedTokenizerBase, texts: list[st
                                        quantize_from=inputs.compute_dtype).model
     else:
         reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    # The source's config, not the one transformers derives from the GGUF: its GGUF reader ignores rope scaling
-    # (Llama 3's factors), which llama.cpp reads; `_check_config` compares what it does read.
+    # transformers' GGUF reader ignores rope scaling (Llama 3's factors, which llama.cpp reads): the source's is
+    # put back; `_check_config` compares the rest of what it reads.
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    config.rope_parameters = load_config(model_dir).rope_parameters
     exported = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
-                                                    config=load_config(model_dir))
+                                                    config=config)
     diff, biggest, nll_ref, nll_gguf, count = 0.0, 0.0, 0.0, 0.0, 0
     with torch.no_grad():
         for text in texts:

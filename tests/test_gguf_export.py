@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, PreTrainedTokenizerFast
 
 from qlora_kit.config import load_recipe
-from qlora_kit.errors import UserError
+from qlora_kit.errors import Failed, UserError
 from qlora_kit.gguf import smollm2_gguf_path
 from qlora_kit.gguf_check import ROUNDING_BOUND, sample_texts
 from qlora_kit.gguf_export import export_gguf
@@ -96,8 +96,10 @@ def gguf_state(path: Path) -> dict[str, torch.Tensor]:
 LLAMA_CPP_LOGIT_TOLERANCE = {"f16": 1e-2, "bf16": 5e-2, "q8_0": 0.1, "q4_0": 0.1}
 
 
-@pytest.mark.parametrize("arch,qtype,tie", [("llama", "f16", False), ("llama", "q8_0", True), ("qwen2", "bf16", True),
-                                            ("mistral", "q4_0", False), ("phi3", "f16", False)])
+@pytest.mark.parametrize("arch,qtype,tie", [
+    ("llama", "q8_0", True),
+    *(pytest.param(*case, marks=pytest.mark.slow) for case in [("llama", "f16", False), ("qwen2", "bf16", True),
+                                                               ("mistral", "q4_0", False), ("phi3", "f16", False)])])
 def test_export_reads_back_as_the_model(smollm2_tokenizer, tmp_path, arch, qtype, tie):
     """transformers' GGUF loader (its own dequantizers, names and q/k un-permutation) finds the model's tensors."""
     model_dir = tiny_model(tmp_path / "model", arch, smollm2_tokenizer, tie=tie)
@@ -127,7 +129,7 @@ def test_llama_cpp_computes_the_model(smollm2_tokenizer, tmp_path, arch, qtype, 
     on the same quantized weights (the rounding itself is bounded by the test above)."""
     model_dir = tiny_model(tmp_path / "model", arch, smollm2_tokenizer, **extra)
     path = tmp_path / "out.gguf"
-    export_gguf(model_dir, path, qtype)
+    export_gguf(model_dir, path, qtype, check=False)  # this test is the check, by llama.cpp
     ids = prompt_ids(model_dir)
     with torch.no_grad():
         reference = (AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32) if qtype in ("f16", "bf16")
@@ -142,7 +144,7 @@ def test_llama3_rope_factors_are_used_by_llama_cpp(smollm2_tokenizer, tmp_path):
     """Positive control for the rope test above: the same weights without the factors compute other logits."""
     scaled = tiny_model(tmp_path / "scaled", "llama", smollm2_tokenizer, rope_parameters=LLAMA3_ROPE)
     plain = tiny_model(tmp_path / "plain", "llama", smollm2_tokenizer)
-    export_gguf(plain, tmp_path / "plain.gguf", "f16")
+    export_gguf(plain, tmp_path / "plain.gguf", "f16", check=False)
     ids = prompt_ids(scaled)
     with torch.no_grad():
         reference = AutoModelForCausalLM.from_pretrained(scaled, dtype=torch.float32)(torch.tensor([ids])).logits[0]
@@ -163,27 +165,30 @@ def adapter_run(smollm2_tokenizer, tmp_path_factory):
     return root, result.adapter_dir, result.model.eval()
 
 
+@pytest.mark.slow
 def test_adapter_export_is_the_merge_exported(adapter_run, tmp_path):
     """From an adapter the export merges exactly as `qlora-kit merge` (float32) does: identical GGUF tensors."""
     root, adapter, _ = adapter_run
     merge(adapter, tmp_path / "merged", dtype="float32")
     report = export_gguf(adapter, tmp_path / "from-adapter.gguf", "f16")
-    export_gguf(tmp_path / "merged", tmp_path / "from-merged.gguf", "f16")
+    export_gguf(tmp_path / "merged", tmp_path / "from-merged.gguf", "f16", check=False)
     assert report.passed and report.merge_layers and max(report.merge_layers.values()) <= 1e-5
     a, b = gguf.GGUFReader(tmp_path / "from-adapter.gguf"), gguf.GGUFReader(tmp_path / "from-merged.gguf")
     assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
     for x, y in zip(a.tensors, b.tensors, strict=True):
         assert np.array_equal(x.data, y.data), x.name
-    base = gguf.GGUFReader(export_gguf(root / "base", tmp_path / "base.gguf", "f16") and tmp_path / "base.gguf")
+    export_gguf(root / "base", tmp_path / "base.gguf", "f16", check=False)
+    base = gguf.GGUFReader(tmp_path / "base.gguf")
     changed = [t.name for t, u in zip(a.tensors, base.tensors, strict=True) if not np.array_equal(t.data, u.data)]
     assert any("attn_q" in n for n in changed)  # the adapter did change the exported weights
 
 
+@pytest.mark.slow
 @needs_llama_cpp
 def test_llama_cpp_on_the_export_equals_the_adapter(adapter_run, tmp_path):
     """llama.cpp on the f16 GGUF against the adapter on its 4-bit base (float32), and greedy continuations."""
     root, adapter, trained = adapter_run
-    export_gguf(adapter, tmp_path / "out.gguf", "f16")
+    export_gguf(adapter, tmp_path / "out.gguf", "f16", check=False)
     ids = prompt_ids(root / "base")
     with torch.no_grad():
         reference = trained(torch.tensor([ids])).logits[0].float()
@@ -197,6 +202,7 @@ def test_llama_cpp_on_the_export_equals_the_adapter(adapter_run, tmp_path):
     assert theirs == ours
 
 
+@pytest.mark.slow
 def test_sharded_model_exports_whole(smollm2_tokenizer, tmp_path):
     model_dir = tiny_model(tmp_path / "model", "llama", smollm2_tokenizer)
     sharded = tmp_path / "sharded"
@@ -264,6 +270,7 @@ def run_cli(*args):
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_export_writes_once_and_refuses_to_overwrite(smollm2_tokenizer, tmp_path):
     model_dir = tiny_model(tmp_path / "model", "qwen2", smollm2_tokenizer)
     out = tmp_path / "exports" / "model.q8_0.gguf"
@@ -275,3 +282,14 @@ def test_cli_export_writes_once_and_refuses_to_overwrite(smollm2_tokenizer, tmp_
     assert again.returncode == 2 and "already exists; pass --overwrite" in again.stderr
     assert "Traceback" not in again.stderr and out.stat().st_mtime_ns == before
     assert sorted(p.name for p in out.parent.iterdir()) == [out.name, out.name + ".report.json"]
+
+
+def test_a_failed_check_publishes_nothing(smollm2_tokenizer, tmp_path, monkeypatch):
+    """A file that fails its check is kept aside as OUT.rejected with its report; OUT itself never appears."""
+    model_dir = tiny_model(tmp_path / "model", "llama", smollm2_tokenizer)
+    monkeypatch.setitem(ROUNDING_BOUND, gguf.GGMLQuantizationType.Q8_0, 1e-9)  # no real q8_0 tensor is that exact
+    with pytest.raises(Failed, match="Q8_0 rounding error"):
+        export_gguf(model_dir, tmp_path / "out.gguf", "q8_0", logit_check_max_bytes=0)
+    assert sorted(p.name for p in tmp_path.glob("*out.gguf*") if not p.name.endswith(".lock")) == [
+        "out.gguf.rejected", "out.gguf.rejected.report.json"]
+    assert not json.loads((tmp_path / "out.gguf.rejected.report.json").read_text())["passed"]
