@@ -13,6 +13,9 @@ from qlora_kit.errors import Failed, UserError
 
 def _train(args: argparse.Namespace) -> None:
     from qlora_kit.config import load_recipe
+    from qlora_kit.preemption import watch_early_interrupts
+
+    watch_early_interrupts()
 
     resume = args.resume
     if isinstance(resume, str) and "=" in resume and not Path(resume).exists():  # `--resume key=value`

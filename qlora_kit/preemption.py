@@ -13,6 +13,23 @@ import sys
 import threading
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_early: int | None = None  # a SIGINT that arrived before training began (see watch_early_interrupts)
+
+
+def watch_early_interrupts() -> None:
+    """Until training starts, Ctrl-C raises KeyboardInterrupt as usual and is also remembered, and `Preemption`
+    refuses to start a run after one. Loading data runs library code that can swallow the exception (a worker
+    pool's cleanup raising its own error over it, a blanket `except`); the user's Ctrl-C must stop the command
+    all the same, not be followed by hours of training."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def remember(signum: int, frame) -> None:
+        global _early
+        _early = signum
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, remember)
 
 
 class Preemption:
@@ -34,6 +51,8 @@ class Preemption:
               "(send it again to exit at once)", file=sys.stderr, flush=True)
 
     def __enter__(self) -> Preemption:
+        if _early is not None:
+            raise KeyboardInterrupt  # an earlier Ctrl-C was swallowed on its way up: honour it now
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
             self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
         return self

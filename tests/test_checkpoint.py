@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qlora_kit import checkpoint as ckpt
+from qlora_kit import preemption as preemption_module
 from qlora_kit.cli import main, out_of_memory_message
 from qlora_kit.config import load_recipe
 from qlora_kit.errors import TrainingDiverged, UserError
@@ -226,6 +227,24 @@ def test_first_signal_only_requests_a_stop_and_handlers_are_restored():
         os.kill(os.getpid(), signal.SIGTERM)  # delivered to the main thread before the next bytecode
         assert preemption.signal == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_ctrl_c_swallowed_before_training_still_stops_the_run(monkeypatch):
+    """Library code between the CLI and the loop may catch the KeyboardInterrupt (as a worker pool's cleanup
+    did once, under load): the run must still not start."""
+    monkeypatch.setattr(preemption_module, "_early", None)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        preemption_module.watch_early_interrupts()
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs at the next bytecode
+        except KeyboardInterrupt:
+            pass  # swallowed, as the library did
+        with pytest.raises(KeyboardInterrupt), Preemption():
+            pytest.fail("training started after a Ctrl-C")
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_out_of_memory_message_names_the_settings_to_lower():
