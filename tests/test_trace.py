@@ -7,7 +7,7 @@ import torch
 
 from qlora_kit.cli import main
 from qlora_kit.config import load_recipe
-from qlora_kit.estimate import SHAPES, estimate, find_shape
+from qlora_kit.estimate import SHAPES, estimate, find_shape, shape_from_config
 from qlora_kit.trace import BLOCK, MemoryTrace, trace_step
 
 from conftest import make_tiny_model
@@ -68,6 +68,11 @@ def test_cli_prints_the_trace_beside_the_estimate(capsys):
     assert "estimated peak memory" in out and "traced peak" in out and "temporaries" in out
 
 
+# Qwen3-30B-A3B's 48 layers of 128 experts take ~75 s to trace on a 2-core CPU; every layer is the same, so a
+# quarter of them checks the same parts in a quarter of the time.
+FEWER_LAYERS = {"qwen3-30b-a3b": 12}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe_name", ["llama-3.1-8b", "llama-3.1-70b-48gb", "llama-3.1-70b-24gb-offload",
                                          "mixtral-8x7b", "qwen3-30b-a3b"])
@@ -77,6 +82,8 @@ def test_trace_and_estimate_agree(recipe_name):
     left out: nothing allocates them."""
     recipe = load_recipe(f"recipes/{recipe_name}.yaml")
     shape = find_shape(recipe)
+    if recipe_name in FEWER_LAYERS:
+        shape = shape_from_config({**shape.config, "num_hidden_layers": FEWER_LAYERS[recipe_name]}, shape.name)
     assert (SHAPES / "llama-3.1-70b.json").is_file()
     trace = trace_step(recipe, shape.config)
     est = {k: v for k, v in estimate(recipe, shape).parts.items() if k not in ("allocator slack", "CUDA context")}
