@@ -82,7 +82,7 @@ def _gguf_step(adapter_dir: Path, path: Path, tokenizer, held_out) -> dict:
               "perplexity_reference": logits.get("perplexity_reference"),
               "perplexity_gguf": logits.get("perplexity_gguf")}
     if not llama_cpp_available():
-        _say(f"  llama.cpp scoring skipped: llama-cpp-python is not installed ({INSTALL_HINT})")
+        _say(f"  llama.cpp scoring skipped: llama-cpp-python is not installed; {INSTALL_HINT}")
         report["llama_cpp"] = "not installed"
         return report
     scored = exact_match_llama_cpp(path, tokenizer, held_out)

@@ -171,7 +171,7 @@ def _check_llama_cpp(path: Path, tokenizer: PreTrainedTokenizerBase, texts: list
     from qlora_kit.llama_cpp_eval import INSTALL_HINT, llama_cpp_available, load_llama
 
     if not llama_cpp_available():
-        report.checks["llama_cpp"] = f"not installed ({INSTALL_HINT})"
+        report.checks["llama_cpp"] = f"not installed; {INSTALL_HINT}"
         return
     llm = load_llama(path, vocab_only=True)
     same = sum(llm.tokenize(t.encode(), add_bos=False, special=True) ==

@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from qlora_kit.data import Examples
 from qlora_kit.evaluate import split_prompt_answer
 
-INSTALL_HINT = "pip install llama-cpp-python (builds llama.cpp from source: several minutes on a small CPU)"
+INSTALL_HINT = "pip install llama-cpp-python builds it (llama.cpp from source: minutes on a small CPU)"
 
 
 def llama_cpp_available() -> bool:
