@@ -41,6 +41,13 @@ def split_prompt_answer(input_ids: list[int], labels: list[int], eos_id: int) ->
     return input_ids[:start], answer[:-1] if answer and answer[-1] == eos_id else answer
 
 
+def prompts_and_answers(examples: Examples, eos_id: int) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """Each example's (prompt, answer) token ids, and how many tokens to generate to judge every answer."""
+    pairs = [split_prompt_answer(row["input_ids"], row["labels"], eos_id) for row in examples.dataset]
+    # +2: an output that has not stopped by then is longer than every answer, so it cannot match by truncation
+    return pairs, max(len(answer) for _, answer in pairs) + 2
+
+
 def token_loss(model: PreTrainedModel, examples: Examples, pad_id: int, micro_batch_size: int = 8) -> float:
     """Mean loss per label token over all examples."""
     loader = build_loader(examples.dataset, "none", micro_batch_size, 0, pad_id, seed=0, shuffle=False)
@@ -55,9 +62,8 @@ def token_loss(model: PreTrainedModel, examples: Examples, pad_id: int, micro_ba
 def exact_match(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: Examples,
                 max_new_tokens: int | None = None) -> tuple[float, list[dict[str, str]]]:
     """Share of examples whose greedy completion equals the answer; and every (prompt, answer, output)."""
-    pairs = [split_prompt_answer(row["input_ids"], row["labels"], tokenizer.eos_token_id) for row in examples.dataset]
-    # +2: an output that has not stopped by then is longer than every answer, so it cannot match by truncation
-    budget = max_new_tokens or max(len(answer) for _, answer in pairs) + 2
+    pairs, budget = prompts_and_answers(examples, tokenizer.eos_token_id)
+    budget = max_new_tokens or budget
     outputs = generate_batch(model, tokenizer, [prompt for prompt, _ in pairs], budget)
     samples = [{"prompt": tokenizer.decode(prompt, skip_special_tokens=True),
                 "answer": tokenizer.decode(answer, skip_special_tokens=True).strip(),

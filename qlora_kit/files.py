@@ -81,10 +81,20 @@ def remove_leftovers(target: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _plain_permissions(directory: Path) -> None:
+def publish_file(tmp: Path, target: Path) -> None:
+    """The single-file `staged_dir`: give a finished temporary file a plain file's permissions (mkstemp makes it
+    private), flush it to disk, and rename it to `target`."""
+    _plain_permissions(tmp)
+    with tmp.open("rb+") as f:
+        os.fsync(f.fileno())
+    tmp.rename(target)
+    _fsync_dir(target.parent)
+
+
+def _plain_permissions(root: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
-    for path in [directory, *directory.rglob("*")]:
+    for path in [root, *root.rglob("*")] if root.is_dir() else [root]:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 

@@ -22,9 +22,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from qlora_kit.merge import LOGIT_CHECK_MAX_BYTES, LOGIT_TOLERANCE
+from qlora_kit.merge import LOGIT_CHECK_MAX_BYTES, LOGIT_TOLERANCE, adapter_reference
 from qlora_kit.model import load_config
 
 # Worst |dequantized - input| relative to the tensor's largest |value|: half a step of each format (fp16 keeps 11
@@ -72,11 +72,11 @@ def check_export(path: Path, plan: list, digests: dict[str, str], report, inputs
                  tokenizer: PreTrainedTokenizerBase, logit_check_max_bytes: int = LOGIT_CHECK_MAX_BYTES) -> None:
     """Fill `report.checks` and mark `report` failed where the file is not what was meant."""
     _check_tensors(path, plan, digests, report)
-    _check_config(path, model_dir, report)
+    config = _check_config(path, model_dir, report)
     texts = sample_texts(tokenizer)
     _check_tokenizer(path, tokenizer, texts, report)
     if sum(p.nbytes for p in plan) <= logit_check_max_bytes:  # loads the whole model twice, by design
-        _check_logits(path, tokenizer, texts, report, inputs, model_dir)
+        _check_logits(path, config, tokenizer, texts, report, inputs, model_dir)
     _check_llama_cpp(path, tokenizer, texts, report)
 
 
@@ -111,8 +111,9 @@ CONFIG_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_l
                  "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings")
 
 
-def _check_config(path: Path, model_dir: Path, report) -> None:
-    """The model's sizes, norm epsilon and rope base as transformers reads them from the GGUF's metadata."""
+def _check_config(path: Path, model_dir: Path, report) -> PretrainedConfig:
+    """The model's sizes, norm epsilon and rope base as transformers reads them from the GGUF's metadata; returns
+    that config with the model's rope scaling, which transformers' GGUF reader drops (llama.cpp reads it)."""
     ours, theirs = load_config(model_dir), AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     fields = {f: (getattr(ours, f, None), getattr(theirs, f, None)) for f in CONFIG_FIELDS}
     fields["rope_theta"] = tuple((c.rope_parameters or {}).get("rope_theta") for c in (ours, theirs))
@@ -121,6 +122,8 @@ def _check_config(path: Path, model_dir: Path, report) -> None:
     report.checks["config_transformers"] = {"fields": len(fields), "differ": {f: list(v) for f, v in wrong.items()}}
     if wrong:
         _fail(report, f"the GGUF's metadata reads back differently: {wrong}")
+    theirs.rope_parameters = ours.rope_parameters
+    return theirs
 
 
 def _check_tokenizer(path: Path, tokenizer: PreTrainedTokenizerBase, texts: list[str], report) -> None:
@@ -132,19 +135,11 @@ def _check_tokenizer(path: Path, tokenizer: PreTrainedTokenizerBase, texts: list
         _fail(report, f"the GGUF tokenizer (read by transformers) differs on {len(texts) - same}/{len(texts)} texts")
 
 
-def _check_logits(path: Path, tokenizer: PreTrainedTokenizerBase, texts: list[str], report, inputs,
-                  model_dir: Path) -> None:
-    from qlora_kit.inference import load_adapter_model
-
-    if inputs is not None:
-        reference = load_adapter_model(inputs.adapter_dir, torch.device("cpu"), "float32", str(inputs.base_path),
-                                       quantize_from=inputs.compute_dtype).model
-    else:
-        reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    # transformers' GGUF reader ignores rope scaling (Llama 3's factors, which llama.cpp reads): the source's is
-    # put back; `_check_config` compares the rest of what it reads.
-    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    config.rope_parameters = load_config(model_dir).rope_parameters
+def _check_logits(path: Path, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, texts: list[str],
+                  report, inputs, model_dir: Path) -> None:
+    cpu = torch.device("cpu")
+    reference = (adapter_reference(inputs, cpu) if inputs is not None
+                 else AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
     exported = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
                                                     config=config)
     diff, biggest, nll_ref, nll_gguf, count = 0.0, 0.0, 0.0, 0.0, 0

@@ -34,7 +34,7 @@ from safetensors import safe_open
 
 from qlora_kit.cpu import return_large_frees_to_os
 from qlora_kit.errors import Failed, UserError
-from qlora_kit.files import check_free_space, exclusive, remove_leftovers
+from qlora_kit.files import check_free_space, exclusive, publish_file, remove_leftovers
 from qlora_kit.gguf_check import check_export, written_digest
 from qlora_kit.gguf_vocab import add_tokenizer
 from qlora_kit.memory import peak_memory_bytes
@@ -381,19 +381,7 @@ def _add_metadata(writer: gguf.GGUFWriter, config, model_dir: Path, source: Path
 
 def _publish(tmp: Path, out: Path, report_text: str, report_path: Path) -> None:
     """Report first, then the file: an OUT that exists is complete and its report is beside it."""
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
     staged = report_path.with_name(f".{report_path.name}.tmp")
     staged.write_text(report_text)
-    staged.rename(report_path)
-    tmp.chmod(0o644 & ~_umask())
-    tmp.rename(out)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    publish_file(staged, report_path)
+    publish_file(tmp, out)

@@ -43,23 +43,25 @@ PRE_TOKENIZERS = {
 def add_tokenizer(writer: GGUFWriter, tokenizer: PreTrainedTokenizerBase, model_dir: Path, vocab_size: int) -> str:
     """Write the tokenizer's metadata; return its GGUF kind ("gpt2" or "llama"). Refuses what llama.cpp
     could not reproduce with one line."""
-    spec = _tokenizer_json(model_dir)
+    # The pipeline transformers built (what training tokenized with), not tokenizer.json as saved: for some model
+    # types (Qwen2Tokenizer) transformers rebuilds parts of it.
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model = spec.get("model", {})
     if model.get("type") != "BPE":
-        raise UserError(f"{model_dir}/tokenizer.json: a {model.get('type')} tokenizer; GGUF export supports BPE "
-                        "tokenizers (Llama, Mistral, Qwen2, Phi-3, SmolLM2)")
+        raise UserError(f"{model_dir}: a {model.get('type')} tokenizer; GGUF export supports BPE tokenizers (Llama, "
+                        "Mistral, Qwen2, Phi-3, SmolLM2)")
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:
         raise UserError(f"{model_dir}: the tokenizer has ids up to {max(vocab.values())} but the model's vocab_size "
                         f"is {vocab_size}")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    if model.get("byte_fallback"):
+    sentencepiece = bool(model.get("byte_fallback"))
+    tokens, types, scores = _tokens(tokenizer, vocab, vocab_size, merges if sentencepiece else None)
+    if sentencepiece:
         kind, pre = "llama", "default"
-        tokens, types, scores = _sentencepiece_tokens(tokenizer, vocab, merges, vocab_size)
         writer.add_token_scores(scores)
     else:
-        kind, pre = "gpt2", pre_tokenizer(tokenizer, model_dir)
-        tokens, types = _bpe_tokens(tokenizer, vocab, vocab_size)
+        kind, pre = "gpt2", pre_tokenizer(spec.get("pre_tokenizer") or {}, digest_of(tokenizer), model_dir)
         writer.add_token_merges(merges)
     writer.add_tokenizer_model(kind)
     writer.add_tokenizer_pre(pre)
@@ -77,7 +79,7 @@ def add_tokenizer(writer: GGUFWriter, tokenizer: PreTrainedTokenizerBase, model_
                              and plain[-1:] != [tokenizer.eos_token_id])
     if kind == "llama":
         # SentencePiece-style tokenizers prepend "▁" to the text; llama.cpp does so when told to.
-        writer.add_add_space_prefix(tokenizer.tokenize("a")[:1] == ["▁a"] or tokenizer.tokenize("a")[:1] == ["▁"])
+        writer.add_add_space_prefix(tokenizer.tokenize("a")[:1] in (["▁a"], ["▁"]))
     if isinstance(tokenizer.chat_template, str):
         writer.add_chat_template(tokenizer.chat_template)
     return kind
@@ -97,12 +99,16 @@ PIPELINES = {
 }
 
 
-def pre_tokenizer(tokenizer: PreTrainedTokenizerBase, model_dir: Path) -> str:
-    """llama.cpp's name for this byte-level BPE tokenizer's pre-tokenizer (see the module docstring)."""
-    digest = hashlib.sha256(str(tokenizer.encode(PROBE)).encode()).hexdigest()
+def digest_of(tokenizer: PreTrainedTokenizerBase) -> str:
+    """llama.cpp's fingerprint of a tokenizer: the sha256 of the ids of its probe text."""
+    return hashlib.sha256(str(tokenizer.encode(PROBE)).encode()).hexdigest()
+
+
+def pre_tokenizer(spec: dict, digest: str, model_dir: Path) -> str:
+    """llama.cpp's name for this byte-level BPE tokenizer's pre-tokenizer `spec` (see the module docstring)."""
     if digest in PRE_TOKENIZERS:
         return PRE_TOKENIZERS[digest]
-    steps = _pipeline(json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {})
+    steps = _pipeline(spec)
     if steps in PIPELINES:
         return PIPELINES[steps]
     raise UserError(f"{model_dir}: a pre-tokenizer llama.cpp does not know (probe hash {digest[:16]}, steps "
@@ -123,37 +129,12 @@ def _pipeline(spec: dict) -> tuple:
     return tuple(out)
 
 
-def _tokenizer_json(model_dir: Path) -> dict:
-    path = model_dir / "tokenizer.json"
-    if not path.is_file():
-        raise UserError(f"{model_dir}: no tokenizer.json; GGUF export needs the fast tokenizer's file")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def _bpe_tokens(tokenizer: PreTrainedTokenizerBase, vocab: dict[str, int],
-                vocab_size: int) -> tuple[list[str], list[int]]:
-    """Tokens in id order (byte-level strings, as in tokenizer.json); ids the tokenizer lacks are padding."""
-    by_id = {i: t for t, i in vocab.items()}
-    added = tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(TokenType.UNUSED)
-        elif i in added:
-            tokens.append(by_id[i])
-            types.append(TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED)
-        else:
-            tokens.append(by_id[i])
-            types.append(TokenType.NORMAL)
-    return tokens, types
-
-
-def _sentencepiece_tokens(tokenizer: PreTrainedTokenizerBase, vocab: dict[str, int], merges: list[str],
-                          vocab_size: int) -> tuple[list[str], list[int], list[float]]:
-    """Tokens, types and scores for llama.cpp's SentencePiece-style tokenizer: score = -(rank of the merge that
-    makes the token), so merging the highest score first is BPE's merge order."""
-    rank = {a + b: r for r, (a, b) in enumerate(m.split(" ", 1) for m in merges)}
+def _tokens(tokenizer: PreTrainedTokenizerBase, vocab: dict[str, int], vocab_size: int,
+            merges: list[str] | None) -> tuple[list[str], list[int], list[float]]:
+    """Tokens in id order (as tokenizer.json spells them), their GGUF types, and, for SentencePiece-style
+    tokenizers (`merges` given), scores for llama.cpp: -(rank of the merge that makes the token), so that merging
+    the highest score first is BPE's merge order. Ids the tokenizer lacks are unused padding."""
+    rank = {a + b: r for r, (a, b) in enumerate(m.split(" ", 1) for m in merges or [])}
     by_id = {i: t for t, i in vocab.items()}
     added = tokenizer.added_tokens_decoder
     tokens, types, scores = [], [], []
@@ -163,7 +144,7 @@ def _sentencepiece_tokens(tokenizer: PreTrainedTokenizerBase, vocab: dict[str, i
             kind = TokenType.UNUSED
         elif i in added:
             kind = TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED
-        elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+        elif merges is not None and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
             kind = TokenType.BYTE
         else:
             kind = TokenType.NORMAL

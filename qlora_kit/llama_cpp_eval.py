@@ -17,7 +17,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from qlora_kit.data import Examples
-from qlora_kit.evaluate import split_prompt_answer
+from qlora_kit.evaluate import prompts_and_answers
 
 INSTALL_HINT = "pip install llama-cpp-python builds it (llama.cpp from source: minutes on a small CPU)"
 
@@ -57,8 +57,7 @@ def exact_match_llama_cpp(path: Path, tokenizer: PreTrainedTokenizerBase, exampl
     """Exact match of llama.cpp's greedy answers on `examples`, as `evaluate.exact_match` scores transformers."""
     from llama_cpp import llama_vocab_is_eog
 
-    pairs = [split_prompt_answer(row["input_ids"], row["labels"], tokenizer.eos_token_id) for row in examples.dataset]
-    budget = max(len(answer) for _, answer in pairs) + 2
+    pairs, budget = prompts_and_answers(examples, tokenizer.eos_token_id)
     llm = load_llama(path, n_ctx=max(len(p) for p, _ in pairs) + budget + 8)
     hits, differ, samples = 0, 0, []
     for prompt_ids, answer_ids in pairs:

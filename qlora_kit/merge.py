@@ -314,8 +314,7 @@ def _check_logits(inputs: MergeInputs, out: Path, out_dtype: torch.dtype, report
     training compute dtype exactly as in training, so what is compared is the export's rounding alone, at the
     export dtype's tolerance; a bf16 reference would add its own rounding, and run ~50x slower on most CPUs."""
     device = default_device()
-    trained = load_adapter_model(inputs.adapter_dir, device, "float32", str(inputs.base_path),
-                                 quantize_from=inputs.compute_dtype).model
+    trained = adapter_reference(inputs, device)
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device).eval()
     ids = torch.randint(0, exported.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -343,6 +342,13 @@ def _read_tensor(path: Path, files: dict[str, str], name: str) -> torch.Tensor:
         raise UserError(f"{path}: checkpoint has {name.rpartition('.')[0]}'s other half missing ({name})")
     with safe_open(path / files[name], framework="pt", device="cpu") as f:
         return f.get_tensor(name)
+
+
+def adapter_reference(inputs: MergeInputs, device: torch.device) -> torch.nn.Module:
+    """What an export must compute: the adapter on its 4-bit base, in float32, the 4-bit weights quantized from
+    the training compute dtype as training quantized them (see `_check_logits`)."""
+    return load_adapter_model(inputs.adapter_dir, device, "float32", str(inputs.base_path),
+                              quantize_from=inputs.compute_dtype).model.eval()
 
 
 def _checkpoint_bytes(path: Path) -> int:
